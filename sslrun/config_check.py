@@ -1,0 +1,55 @@
+"""Catch config mistakes before any work starts, with the key, the bad value and the fix."""
+
+from __future__ import annotations
+
+from numbers import Real
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import SslrunError
+
+
+def _number(cfg: DictConfig, key: str, integer: bool = False, positive: bool = True,
+            allow_none: bool = False, minimum: float | None = None) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else Real):
+        raise SslrunError(f"{key}={value!r} must be {kind}" + (" or null" if allow_none else "") +
+                          f"; set it on the command line, e.g. {key}={1 if integer else 0.1}.")
+    if positive and value <= 0:
+        raise SslrunError(f"{key}={value} must be positive; set it to a value above 0.")
+    if minimum is not None and value < minimum:
+        raise SslrunError(f"{key}={value} must be at least {minimum}.")
+
+
+def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...], other_ok: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices and not (other_ok and isinstance(value, str)):
+        raise SslrunError(f"{key}={value!r} is not a valid choice; use one of: {', '.join(choices)}.")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Static checks of the composed config; data-dependent ones happen once the dataset is loaded."""
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.log_every", "trainer.checkpoint_every",
+                "eval.batch_size", "eval.knn.k", "eval.linear.epochs", "eval.linear.batch_size"):
+        _number(cfg, key, integer=True)
+    for key in ("optimizer.lr", "eval.knn.temperature", "eval.linear.lr"):
+        _number(cfg, key)
+    _number(cfg, "optimizer.weight_decay", positive=False, minimum=0)
+    _number(cfg, "optimizer.warmup_epochs", positive=False, minimum=0)
+    _number(cfg, "trainer.max_minutes", allow_none=True)
+    _number(cfg, "trainer.seed", integer=True, positive=False)
+    _choice(cfg, "trainer.precision", ("auto", "bf16", "fp32"))
+    _choice(cfg, "eval.knn.backend", ("torch", "faiss"))
+    _choice(cfg, "trainer.resume", ("auto", "never"), other_ok=True)
+    if cfg.eval.only and not cfg.eval.checkpoint:
+        raise SslrunError("eval.only=true needs a checkpoint to evaluate: add eval.checkpoint=<run dir>/checkpoints/last.pt.")
+
+
+def check_against_data(cfg: DictConfig, num_pretrain: int) -> None:
+    if cfg.trainer.batch_size > num_pretrain:
+        raise SslrunError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the pretraining set "
+                          f"({num_pretrain} images of dataset {cfg.dataset.get('name', '?')}); lower "
+                          f"trainer.batch_size to at most {num_pretrain}.")

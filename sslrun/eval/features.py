@@ -1,0 +1,26 @@
+"""Extract frozen backbone features of un-augmented images, once per evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..data.augment import normalize
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                     device: torch.device, batch_size: int = 512,
+                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Backbone features (float32, on ``device``) of uint8 ``images`` [N,C,H,W], in eval mode, in order."""
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = normalize(images[i:i + batch_size].to(device, non_blocking=True), mean, std)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out.append(backbone(x).float())
+    backbone.train(was_training)
+    return torch.cat(out)

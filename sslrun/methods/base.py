@@ -1,0 +1,69 @@
+"""The contract between the engine and a method.
+
+A method is an ``nn.Module`` that owns the backbone, its heads and any state (momentum encoders,
+queues, prototypes). The engine calls ``forward(views, index)`` and the optional hooks below; it never
+branches on a method's name, and a method never reads the trainer's config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FitInfo:
+    """What a method may need to know about the run before training starts."""
+
+    num_samples: int          # images in the pretraining set (memory banks, k-means)
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    # Runs a function over the un-augmented pretraining images in index order, batched, and
+    # concatenates its outputs (PCL and DeepCluster cluster the whole set with it).
+    map_dataset: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor] | None = None
+
+
+@dataclass
+class TrainState:
+    """Where training is; passed to every hook."""
+
+    step: int = 0             # optimizer steps done so far
+    epoch: int = 0
+    # Fraction of the training budget used: steps/total, or wall-clock/max_minutes when that is
+    # larger. Every schedule (lr, EMA momentum, temperatures) follows it, so a time-bounded run
+    # still anneals to its end.
+    progress: float = 0.0
+
+
+class Method(nn.Module):
+    """Base class: subclasses set ``self.backbone`` and implement ``forward``.
+
+    ``forward(views, index)`` returns a dict with at least ``loss`` (a scalar) and ``z`` (the projector
+    output of the first view, read by the collapse monitor). ``views`` is a list of normalised image
+    batches, large crops first; ``index`` holds the dataset indices of the batch.
+    """
+
+    backbone: nn.Module
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups; a group with ``fixed_lr: True`` is kept at the base lr."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def on_fit_start(self, info: FitInfo) -> None:
+        """Called once before the first step (allocate memory banks, queues)."""
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        """Called at the start of every epoch (k-means, temperature schedules)."""
+
+    def on_after_backward(self, state: TrainState) -> None:
+        """Called between backward and the optimizer step (freeze a layer, clip gradients)."""
+
+    def on_after_step(self, state: TrainState) -> None:
+        """Called after every optimizer step (EMA/momentum update, queue push, normalise prototypes)."""
