@@ -1,0 +1,31 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Small, fast settings for end-to-end runs on synthetic data.
+FAST = ["dataset=synthetic", "dataset.num_train=256", "dataset.num_test=128", "backbone=small_cnn",
+        "backbone.width=8", "backbone.feat_dim=32", "method.proj_hidden_dim=64", "trainer.batch_size=64",
+        "trainer.epochs=1", "trainer.log_every=1", "eval.linear.epochs=3", "monitor.knn_bank_size=128",
+        "monitor.knn_query_size=64"]
+
+
+def sslrun(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed CLI the way a user does, in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "sslrun.cli", *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sslrun {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def run_cli():
+    return sslrun
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
