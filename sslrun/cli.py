@@ -25,7 +25,7 @@ def _main(cfg: DictConfig) -> None:
     try:
         run(cfg, Path(hc.runtime.output_dir), overridden, console)
     except SslrunError as e:
-        Console(stderr=True).print(f"[bold red]sslrun error:[/] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]sslrun error:[/] {e}", highlight=False)
         sys.exit(2)
 
 
