@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, read_metrics, sslrun
+from runner import FAST, read_metrics, sslrun
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

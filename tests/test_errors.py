@@ -1,7 +1,7 @@
 """Bad input stops before any training with one clear message and a non-zero exit, never a traceback."""
 
 import pytest
-from conftest import FAST, sslrun
+from runner import FAST, sslrun
 
 
 def fails(*args, tmp_path):

@@ -1,9 +1,9 @@
+"""Helpers for tests that run sslrun end to end, the way a user does."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small, fast settings for end-to-end runs on synthetic data.
@@ -20,11 +20,6 @@ def sslrun(*args: str, cwd: Path | None = None, check: bool = True) -> subproces
     if check and proc.returncode != 0:
         raise AssertionError(f"sslrun {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-@pytest.fixture
-def run_cli():
-    return sslrun
 
 
 def read_metrics(run_dir: Path) -> dict:
