@@ -24,3 +24,10 @@ def sslrun(*args: str, cwd: Path | None = None, check: bool = True) -> subproces
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def method_config(name: str):
+    """The ``method`` node of conf/method/<name>.yaml (the file itself is a global package with defaults)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml").method

@@ -56,6 +56,14 @@ class Method(nn.Module):
         """Optimizer parameter groups; a group with ``fixed_lr: True`` is kept at the base lr."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def eval_backbone(self) -> nn.Module:
+        """The network the kNN monitor and the final probes evaluate (DINO: the teacher, as in the paper)."""
+        return self.backbone
+
+    def params_to_reset(self) -> list[nn.Parameter]:
+        """Parameters ``on_epoch_start`` re-initialised, whose optimizer state (momentum) must be cleared."""
+        return []
+
     def on_fit_start(self, info: FitInfo) -> None:
         """Called once before the first step (allocate memory banks, queues)."""
 

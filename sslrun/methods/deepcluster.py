@@ -65,6 +65,10 @@ class DeepCluster(Method):
     def on_fit_start(self, info: FitInfo) -> None:
         self._map_dataset = info.map_dataset
 
+    def params_to_reset(self) -> list[nn.Parameter]:
+        # The official code builds a fresh optimizer for the new top layer: no momentum carries over.
+        return list(self.classifier.parameters())
+
     def reset_classifier(self) -> None:
         """The paper's top-layer init (normal(0, 0.01), zero bias), in place so the optimizer keeps the tensors."""
         with torch.no_grad():

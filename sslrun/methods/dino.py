@@ -141,6 +141,9 @@ class DINO(Method):
         return {"loss": loss, "z": student[:n]}
 
     # ---- hooks -------------------------------------------------------------------------------
+    def eval_backbone(self) -> nn.Module:
+        return self.teacher_backbone  # the paper evaluates the teacher: it is the better network
+
     def on_fit_start(self, info: FitInfo) -> None:
         self._epochs = info.epochs
 

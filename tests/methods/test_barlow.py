@@ -1,18 +1,16 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.barlow import BarlowTwins, barlow_twins_loss
 from sslrun.methods.base import TrainState
+from runner import method_config
 
 A = [1.0, -1.0, 1.0, -1.0]  # two standardised columns (mean 0, variance 1) ...
 C = [1.0, 1.0, -1.0, -1.0]  # ... orthogonal to each other
-CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 EPS = 1e-5  # BN's epsilon: standardised columns are divided by sqrt(1 + eps)
 
 
@@ -78,7 +76,7 @@ def test_invariant_to_per_dimension_affine_rescaling_of_each_view():
 
 def test_yaml_builds_and_trains():
     torch.manual_seed(0)
-    method = instantiate(OmegaConf.load(CONF / "barlow.yaml"), backbone=SmallCNN(3, 8, 32), proj_hidden_dim=16,
+    method = instantiate(method_config('barlow'), backbone=SmallCNN(3, 8, 32), proj_hidden_dim=16,
                          proj_output_dim=16)
     assert isinstance(method, BarlowTwins) and (method.lambd, method.scale_loss) == (0.0051, 1.0)
     opt, state = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9), TrainState()

@@ -1,17 +1,15 @@
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import TrainState
 from sslrun.methods.byol import BYOL, byol_loss
 from sslrun.methods.momentum import cosine_momentum
+from runner import method_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 
 
 def views(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
@@ -86,7 +84,7 @@ def test_target_follows_the_cosine_ema():
 
 def test_yaml_builds_and_trains():
     torch.manual_seed(0)
-    method = instantiate(OmegaConf.load(CONF / "byol.yaml"), backbone=SmallCNN(3, 8, 32), proj_hidden_dim=64,
+    method = instantiate(method_config('byol'), backbone=SmallCNN(3, 8, 32), proj_hidden_dim=64,
                          pred_hidden_dim=64)
     assert method.base_momentum == 0.99 and method.final_momentum == 1.0
     opt = torch.optim.SGD(method.param_groups()[0]["params"], lr=0.05, momentum=0.9)

@@ -1,23 +1,21 @@
-from pathlib import Path
 
 import faiss
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.deepcluster import DeepCluster, balanced_weights, pca_whiten
+from runner import method_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 N = 48
 
 
 def build(**overrides) -> DeepCluster:
     torch.manual_seed(0)
-    cfg = OmegaConf.load(CONF / "deepcluster.yaml")
+    cfg = method_config('deepcluster')
     params = dict(num_clusters=3, pca_dim=None)
     return instantiate(cfg, backbone=SmallCNN(in_channels=3, width=8, feat_dim=32), **(params | overrides))
 

@@ -1,19 +1,17 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.dino import DINO, clip_per_parameter, dino_loss, teacher_temperature
 from sslrun.methods.momentum import cosine_momentum
+from runner import method_config
 
 B = 4
 OUT = 10
-CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 
 
 def dino_loss_reference(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, ts: float, tt: float) -> float:
@@ -173,7 +171,7 @@ def test_clipping_in_on_after_backward():
 @pytest.mark.parametrize("n_small", [0, 4])
 def test_yaml_builds_and_trains(n_small):
     torch.manual_seed(0)
-    method = instantiate(OmegaConf.load(CONF / "dino.yaml"), backbone=SmallCNN(3, 8, 32), out_dim=OUT,
+    method = instantiate(method_config('dino'), backbone=SmallCNN(3, 8, 32), out_dim=OUT,
                          hidden_dim=16, bottleneck_dim=8)
     assert (method.clip_grad, method.freeze_last_layer, method.student_temp) == (3.0, 1, 0.1)
     assert (method.base_momentum, method.final_momentum) == (0.9995, 1.0)

@@ -1,19 +1,17 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.errors import SslrunError
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.instdisc import InstDisc, nce_loss
 from sslrun.methods.membank import MemoryBank
+from runner import method_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 N = 40  # images in the toy dataset
 
 
@@ -33,7 +31,7 @@ def nce_reference(p_pos, p_neg, n):
 
 def build(**overrides) -> InstDisc:
     torch.manual_seed(0)
-    cfg = OmegaConf.load(CONF / "instdisc.yaml")
+    cfg = method_config('instdisc')
     method = instantiate(cfg, backbone=SmallCNN(in_channels=3, width=8, feat_dim=32), **overrides)
     method.on_fit_start(FitInfo(N, 5, 10, 2))
     return method

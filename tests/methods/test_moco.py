@@ -1,10 +1,8 @@
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from sslrun.backbones.small_cnn import SmallCNN
@@ -12,8 +10,8 @@ from sslrun.errors import SslrunError
 from sslrun.methods.base import TrainState
 from sslrun.methods.infonce import info_nce
 from sslrun.methods.moco import MoCo, SplitBatchNorm, split_batchnorm
+from runner import method_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 
 
 def tiny_backbone() -> SmallCNN:
@@ -27,7 +25,7 @@ def views(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
 
 def from_yaml(name: str, **overrides) -> MoCo:
     torch.manual_seed(0)
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg = method_config(name)
     return instantiate(cfg, backbone=tiny_backbone(), **overrides)
 
 

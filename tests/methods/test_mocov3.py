@@ -1,19 +1,17 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.backbones.vit import vit_tiny
 from sslrun.methods.base import TrainState
 from sslrun.methods.mocov3 import MoCoV3, mocov3_loss
+from runner import method_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 
 
 def views(n: int = 8, seed: int = 0, size: int = 16) -> list[torch.Tensor]:
@@ -99,7 +97,7 @@ def test_momentum_schedule_endpoints_and_ema():
 def test_yaml_trains_a_vit(frozen):
     torch.manual_seed(0)
     backbone = vit_tiny(image_size=16, patch_size=4, depth=1, frozen_patch_embed=frozen)
-    method = instantiate(OmegaConf.load(CONF / "mocov3.yaml"), backbone=backbone, proj_hidden_dim=64,
+    method = instantiate(method_config('mocov3'), backbone=backbone, proj_hidden_dim=64,
                          pred_hidden_dim=64)
     assert method.temperature == 0.2 and method.base_momentum == 0.99
     opt = torch.optim.AdamW(method.param_groups()[0]["params"], lr=1e-3)

@@ -1,18 +1,16 @@
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.pcl import PCL, concentration, proto_nce, sample_negatives
+from runner import method_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 N = 48  # images in the toy dataset
 
 
@@ -118,7 +116,7 @@ def test_sampled_negatives_exclude_the_positive_and_are_uniform():
 
 def build(**overrides) -> PCL:
     torch.manual_seed(0)
-    cfg = OmegaConf.load(CONF / "pcl.yaml")
+    cfg = method_config('pcl')
     params = dict(num_clusters=[4, 6], warmup_epochs=1, queue_size=32, proj_hidden_dim=32, bn_splits=2)
     return instantiate(cfg, backbone=SmallCNN(in_channels=3, width=8, feat_dim=32), **(params | overrides))
 

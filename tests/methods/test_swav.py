@@ -1,19 +1,17 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.sinkhorn import sinkhorn
 from sslrun.methods.swav import SwAV, swapped_prediction_loss
+from runner import method_config
 
 B = 4
-CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 
 
 def swav_loss_reference(scores: torch.Tensor, codes: torch.Tensor, t: float) -> float:
@@ -186,7 +184,7 @@ def test_queue_is_saved_in_checkpoints():
 @pytest.mark.parametrize("n_small", [0, 4])
 def test_yaml_builds_and_trains(n_small):
     torch.manual_seed(0)
-    method = instantiate(OmegaConf.load(CONF / "swav.yaml"), backbone=SmallCNN(3, 8, 32), proj_hidden_dim=16,
+    method = instantiate(method_config('swav'), backbone=SmallCNN(3, 8, 32), proj_hidden_dim=16,
                          proj_output_dim=8, num_prototypes=6, queue_length=2 * B, queue_start_epoch=0,
                          freeze_prototypes_iters=1)
     assert (method.temperature, method.sinkhorn_epsilon, method.sinkhorn_iters) == (0.1, 0.05, 3)
