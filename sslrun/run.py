@@ -22,6 +22,7 @@ from .engine.device import resolve_device, resolve_precision
 from .engine.trainer import Pretrainer
 from .errors import SslrunError
 from .eval.evaluate import evaluate
+from .monitor.recorder import write_end_figures
 
 
 def _build(node: DictConfig, what: str, **kwargs):
@@ -88,8 +89,11 @@ def run(cfg: DictConfig, run_dir: Path, overridden: set[str] = frozenset(), cons
         results = evaluate(backbone, splits, cfg.eval, device, autocast_dtype)
         for key, value in results.items():
             writer.add_scalar(f"eval/{key}", value, metrics.get("steps", 0))
+        metrics["eval_seconds"] = round(time.perf_counter() - t0 - metrics.get("seconds", 0.0), 1)
+        if cfg.monitor.figures.enabled:
+            console.print("Drawing figures: embedding map, retrieval, attention (ViT)...")
+            write_end_figures(backbone, splits, cfg, run_dir, writer, device, autocast_dtype, metrics.get("steps", 0))
     metrics.update({k: round(v, 4) for k, v in results.items()})
-    metrics["eval_seconds"] = round(time.perf_counter() - t0 - metrics.get("seconds", 0.0), 1)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     console.print(results_table(metrics, run_dir))
     return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,13 +16,11 @@ from torch.utils.tensorboard import SummaryWriter
 from ..data.batches import TensorBatches
 from ..data.image_set import DatasetSplits
 from ..errors import SslrunError
-from ..eval.evaluate import knn_accuracy
 from ..data.augment import normalize
 from ..methods.base import FitInfo, Method, TrainState
-from ..monitor.collapse import collapse_std
-from ..monitor.grads import GradNorms
 from ..monitor.progress import training_progress
-from ..monitor.spikes import Spike, SpikeDetector
+from ..monitor.recorder import TrainingMonitor
+from ..monitor.spikes import Spike
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import build_optimizer, lr_factor, set_lr
 
@@ -70,23 +67,16 @@ class Pretrainer:
         self.model = torch.compile(method) if t.compile else method
         self.state = TrainState()
         self.optimizer = build_optimizer(cfg.optimizer, method.param_groups(), t.batch_size)
-        self.grad_norms = GradNorms(method, method.backbone)
-        self.spikes = SpikeDetector(cfg.monitor.spike_factor, cfg.monitor.spike_window)
+        self.monitor = TrainingMonitor(method, splits, cfg, device, autocast_dtype, writer, run_dir, self._non_finite)
         self.result = TrainResult(0.0, 0, 0.0, 0.0, "epochs")
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         self._seconds_before = 0.0  # time spent before a resume
-        g = torch.Generator().manual_seed(t.seed + 2)
-        m = cfg.monitor
-        self._knn_bank = splits.train.subset(torch.randperm(len(splits.train), generator=g)[:m.knn_bank_size])
-        self._knn_queries = splits.test.subset(torch.randperm(len(splits.test), generator=g)[:m.knn_query_size])
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self) -> None:
         save_checkpoint({
             "method": self.method.state_dict(), "backbone": self.method.backbone.state_dict(),
             "optimizer": self.optimizer.state_dict(), "state": asdict(self.state),
-            "seconds": self._elapsed(), "spike_history": list(self.spikes.history),
-            "spikes": [asdict(s) for s in self.result.spikes], "knn_monitor": self.result.knn_monitor,
+            "seconds": self._elapsed(), "monitor": self.monitor.state_dict(),
             "rng": {"batches": self.batches.generator.get_state(), "augment": self.aug_gen.get_state()},
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }, self.ckpt_path)
@@ -112,9 +102,7 @@ class Pretrainer:
                               "with the config it was written with, or set trainer.resume=never.") from e
         self.state = TrainState(**ck["state"])
         self._seconds_before = ck["seconds"]
-        self.spikes.history.extend(ck["spike_history"])
-        self.result.spikes = [Spike(**s) for s in ck["spikes"]]
-        self.result.knn_monitor = ck["knn_monitor"]
+        self.monitor.load_state_dict(ck["monitor"])
         self.batches.generator.set_state(ck["rng"]["batches"])
         self.aug_gen.set_state(ck["rng"]["augment"])
         self.console.print(f"Resumed from {path} at epoch {self.state.epoch}, step {self.state.step}.")
@@ -123,40 +111,6 @@ class Pretrainer:
     def _elapsed(self) -> float:
         return self._seconds_before + time.perf_counter() - self._t0
 
-    def _flush(self, z: torch.Tensor | None) -> None:
-        """Move the buffered per-step values to the host (one sync), check them, write them out."""
-        if not self._pending:
-            return
-        steps = [p[0] for p in self._pending]
-        losses = torch.stack([p[1] for p in self._pending]).float().cpu()
-        norms = torch.stack([p[2] for p in self._pending]).float().cpu()
-        lrs = [p[3] for p in self._pending]
-        self._pending.clear()
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            self._non_finite(steps[bad[0, 0]], losses[bad[0, 0]].item())
-        w = self.writer
-        for step, loss, norm, lr in zip(steps, losses.tolist(), norms.tolist(), lrs):
-            w.add_scalar("train/loss", loss, step)
-            w.add_scalar("train/lr", lr, step)
-            for name, value in zip(GradNorms.names, norm):
-                w.add_scalar(f"grad/{name}", value, step)
-            median = self.spikes.update(norm[1])
-            if median is not None:
-                spike = Spike(step, self.method.backbone.first_layer, norm[1], median)
-                self.result.spikes.append(spike)
-                w.add_text("grad/spike_events", f"step {step}: {spike.layer} inf-norm {spike.value:.3g} = "
-                           f"{spike.ratio:.1f} x running median", step)
-            w.add_scalar("grad/spikes", len(self.result.spikes), step)
-        if z is not None:
-            w.add_scalar("collapse/std", collapse_std(z).item(), steps[-1])
-            w.add_scalar("collapse/std_ref", 1 / math.sqrt(z.shape[1]), steps[-1])
-        now = time.perf_counter()
-        ips = len(steps) * self.cfg.trainer.batch_size / max(1e-9, now - self._t_log)
-        self._t_log = now
-        w.add_scalar("perf/imgs_per_s", ips, steps[-1])
-        self._last = {"loss": losses[-1].item(), "lr": lrs[-1], "ips": ips}
-
     def _non_finite(self, step: int, value: float) -> None:
         good = (f"the last good checkpoint, {self.ckpt_path}, is intact" if self.ckpt_path.is_file()
                 else "no checkpoint had been written yet")
@@ -164,13 +118,6 @@ class Pretrainer:
             f"The training loss became non-finite ({value}) at step {step}; the run stopped there and {good}. "
             "This usually means the learning rate is too high for this batch size or method: lower "
             "optimizer.lr, add warmup with optimizer.warmup_epochs, or try trainer.precision=fp32.")
-
-    def _knn_monitor(self) -> None:
-        m = self.cfg.monitor
-        acc = knn_accuracy(self.method.backbone, self._knn_bank, self._knn_queries, self.splits, self.device,
-                           m.knn_k, m.knn_temperature, autocast_dtype=self.autocast_dtype)
-        self.writer.add_scalar("monitor/knn_top1", acc[1], self.state.step)
-        self.result.knn_monitor.append({"epoch": self.state.epoch, "step": self.state.step, "knn_top1": acc[1]})
 
     # ---- the loop ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -187,18 +134,18 @@ class Pretrainer:
                               enabled=self.autocast_dtype is not None)
 
     def fit(self) -> TrainResult:
-        t, m = self.cfg.trainer, self.cfg.monitor
+        t = self.cfg.trainer
         opt_cfg = self.cfg.optimizer
         warmup_frac = min(1.0, opt_cfg.warmup_epochs / t.epochs)
         self.method.on_fit_start(FitInfo(len(self.splits.pretrain), self.steps_per_epoch, self.total_steps,
                                          t.epochs, self._map_dataset))
-        self._t0 = self._t_log = time.perf_counter()
+        self._t0 = time.perf_counter()
         self._maybe_resume()
         start_step = self.state.step
-        self._last = {"loss": float("nan"), "lr": 0.0, "ips": 0.0}
+        self.monitor.restart_clock()
         self.method.train()
         with training_progress(self.console) as bar:
-            task = bar.add_task("pretrain", total=self.total_steps, completed=self.state.step, **self._last)
+            task = bar.add_task("pretrain", total=self.total_steps, completed=self.state.step, **self.monitor.last)
             while self.state.epoch < t.epochs and self.result.stopped_by != "max_minutes":
                 self.method.on_epoch_start(self.state)
                 for images, index in self.batches:
@@ -209,6 +156,8 @@ class Pretrainer:
                     lr = set_lr(self.optimizer, lr_factor(min(1.0, st.progress), warmup_frac,
                                                           opt_cfg.min_lr_factor, opt_cfg.warmup_start_factor))
                     views = self.augment(images, self.aug_gen)
+                    if st.step == 0:
+                        self.monitor.preview(images, views)
                     if self.channels_last:
                         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                     with self._autocast():
@@ -216,29 +165,26 @@ class Pretrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     out["loss"].backward()
                     self.method.on_after_backward(st)
-                    norms = self.grad_norms()
-                    self.optimizer.step()
+                    if self.monitor.after_backward():  # gradient magnitudes; False = skip this spike
+                        self.optimizer.step()
                     st.step += 1
                     self.method.on_after_step(st)
-                    self._pending.append((st.step, out["loss"].detach(), norms, lr))
-                    if st.step % t.log_every == 0:
-                        self._flush(out["z"].detach())
-                        bar.update(task, completed=st.step, **self._last)
+                    if self.monitor.after_step(st, out["loss"], out["z"].detach(), lr):
+                        bar.update(task, completed=st.step, **self.monitor.last)
                     if self.budget_s and self._elapsed() >= self.budget_s:
                         self.result.stopped_by = "max_minutes"
                         break
                 else:
                     self.state.epoch += 1
-                    self._flush(out["z"].detach())
-                    if m.knn_every and self.state.epoch % m.knn_every == 0:
-                        self._knn_monitor()
+                    self.monitor.end_epoch(self.state, out["z"].detach())
                     if self.state.epoch % t.checkpoint_every == 0:
                         self._checkpoint()
-                    self._t_log = time.perf_counter()  # images/s counts training, not the monitor
-                self._flush(out["z"].detach())
-                bar.update(task, completed=self.state.step, **self._last)
+                    self.monitor.restart_clock()  # images/s counts training, not checkpoints
+                self.monitor.flush(out["z"].detach())
+                bar.update(task, completed=self.state.step, **self.monitor.last)
         self._checkpoint()
         r = self.result
+        r.spikes, r.knn_monitor = self.monitor.spikes, self.monitor.knn_records
         r.steps = self.state.step
         r.seconds = self._elapsed()
         r.epochs = self.state.step / self.steps_per_epoch
