@@ -84,6 +84,7 @@ def run(cfg: DictConfig, run_dir: Path, overridden: set[str] = frozenset(), cons
             metrics.update(epochs=round(result.epochs, 3), steps=result.steps, seconds=round(result.seconds, 1),
                            imgs_per_s=round(result.imgs_per_s, 1), stopped_by=result.stopped_by,
                            spikes=[vars(s) for s in result.spikes], knn_monitor=result.knn_monitor)
+            backbone = method.eval_backbone()
         backbone.to(device)
         console.print("Evaluating: extracting features, kNN, linear probe...")
         results = evaluate(backbone, splits, cfg.eval, device, autocast_dtype)
@@ -94,6 +95,10 @@ def run(cfg: DictConfig, run_dir: Path, overridden: set[str] = frozenset(), cons
             console.print("Drawing figures: embedding map, retrieval, attention (ViT)...")
             write_end_figures(backbone, splits, cfg, run_dir, writer, device, autocast_dtype, metrics.get("steps", 0))
     metrics.update({k: round(v, 4) for k, v in results.items()})
+    if "expected" in cfg:  # an experiment's target: record whether this run reproduced it
+        exp = cfg.expected
+        metrics["expected"] = OmegaConf.to_container(exp)
+        metrics["reproduced"] = bool(metrics.get(exp.metric, float("nan")) >= exp.value - exp.tol)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     console.print(results_table(metrics, run_dir))
     return metrics

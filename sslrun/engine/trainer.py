@@ -74,7 +74,7 @@ class Pretrainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self) -> None:
         save_checkpoint({
-            "method": self.method.state_dict(), "backbone": self.method.backbone.state_dict(),
+            "method": self.method.state_dict(), "backbone": self.method.eval_backbone().state_dict(),
             "optimizer": self.optimizer.state_dict(), "state": asdict(self.state),
             "seconds": self._elapsed(), "monitor": self.monitor.state_dict(),
             "rng": {"batches": self.batches.generator.get_state(), "augment": self.aug_gen.get_state()},
@@ -148,6 +148,8 @@ class Pretrainer:
             task = bar.add_task("pretrain", total=self.total_steps, completed=self.state.step, **self.monitor.last)
             while self.state.epoch < t.epochs and self.result.stopped_by != "max_minutes":
                 self.method.on_epoch_start(self.state)
+                for p in self.method.params_to_reset():
+                    self.optimizer.state.pop(p, None)
                 for images, index in self.batches:
                     st = self.state
                     st.progress = st.step / self.total_steps
@@ -182,6 +184,10 @@ class Pretrainer:
                     self.monitor.restart_clock()  # images/s counts training, not checkpoints
                 self.monitor.flush(out["z"].detach())
                 bar.update(task, completed=self.state.step, **self.monitor.last)
+                if not self.console.is_terminal:  # logs and CI: a bar redrawn in place prints nothing useful
+                    last = self.monitor.last
+                    self.console.print(f"epoch {self.state.epoch}  step {self.state.step}  loss {last['loss']:.4f}  "
+                                       f"lr {last['lr']:.3g}  {last['ips']:.0f} img/s  {self._elapsed():.0f} s")
         self._checkpoint()
         r = self.result
         r.spikes, r.knn_monitor = self.monitor.spikes, self.monitor.knn_records

@@ -173,7 +173,7 @@ class TrainingMonitor:
         t0 = time.perf_counter()
         if self._last_knn is None or self._last_knn["step"] != state.step:
             m, s = self.m, self.splits
-            bank_f, query_f = (extract_features(self.method.backbone, subset.images, s.mean, s.std, self.device,
+            bank_f, query_f = (extract_features(self.method.eval_backbone(), subset.images, s.mean, s.std, self.device,
                                                 self.cfg.eval.batch_size, self.autocast_dtype)
                                for subset in (self.bank, self.queries))
             scores = knn_predict(bank_f, self.bank.labels, query_f, s.num_classes, m.knn_k, m.knn_temperature)
