@@ -62,7 +62,7 @@ class Pretrainer:
         self.steps_per_epoch = len(self.batches)
         self.total_steps = t.epochs * self.steps_per_epoch
         self.budget_s = t.max_minutes * 60 if t.max_minutes else None
-        self.channels_last = device.type == "cuda" if t.channels_last == "auto" else bool(t.channels_last)
+        self.channels_last = bool(t.channels_last)
         method.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.model = torch.compile(method) if t.compile else method
         self.state = TrainState()

@@ -1,6 +1,6 @@
 """Tabulate finished runs (a multirun directory, or run directories) as a Markdown table.
 
-    python scripts/tabulate.py outputs/multirun/2026-11-22/10-00-00 [--by method]
+    python scripts/summarize_runs.py outputs/multirun/2026-11-22/10-00-00 [--by method]
 
 Reads each run's metrics.json, its composed config (.hydra/config.yaml) and the last collapse/std of
 its TensorBoard events, and prints one row per run.
