@@ -31,3 +31,17 @@ def method_config(name: str):
     from omegaconf import OmegaConf
 
     return OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml").method
+
+
+def engine_step(method, opt, views, state, index=None) -> dict:
+    """One training step of a method, with its hooks in the order the engine calls them."""
+    import torch
+
+    out = method(views, torch.arange(views[0].shape[0]) if index is None else index)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    method.on_after_backward(state)
+    opt.step()
+    state.step += 1
+    method.on_after_step(state)
+    return out

@@ -8,7 +8,7 @@ from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.dino import DINO, clip_per_parameter, dino_loss, teacher_temperature
 from sslrun.methods.momentum import cosine_momentum
-from runner import method_config
+from runner import engine_step, method_config
 
 B = 4
 OUT = 10
@@ -45,17 +45,6 @@ def make_views(n_small: int = 0, seed: int = 0) -> list[torch.Tensor]:
     return ([torch.randn(B, 3, 16, 16, generator=g) for _ in range(2)]
             + [torch.randn(B, 3, 8, 8, generator=g) for _ in range(n_small)])
 
-
-def engine_step(method: DINO, opt: torch.optim.Optimizer, views: list[torch.Tensor], state: TrainState) -> dict:
-    """One step, with the hooks in the order the engine calls them."""
-    out = method(views, torch.arange(B))
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    method.on_after_backward(state)
-    opt.step()
-    state.step += 1
-    method.on_after_step(state)
-    return out
 
 
 def sgd(method: DINO, lr: float = 0.1) -> torch.optim.Optimizer:

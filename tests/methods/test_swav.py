@@ -9,7 +9,7 @@ from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.sinkhorn import sinkhorn
 from sslrun.methods.swav import SwAV, swapped_prediction_loss
-from runner import method_config
+from runner import engine_step, method_config
 
 B = 4
 
@@ -43,17 +43,6 @@ def make_swav(**kw) -> SwAV:
     args = dict(proj_hidden_dim=16, proj_output_dim=8, num_prototypes=6, queue_length=0, freeze_prototypes_iters=0)
     return SwAV(SmallCNN(in_channels=3, width=8, feat_dim=32), **{**args, **kw})
 
-
-def engine_step(method: SwAV, opt: torch.optim.Optimizer, views: list[torch.Tensor], state: TrainState) -> dict:
-    """One step, with the hooks in the order the engine calls them."""
-    out = method(views, torch.arange(B))
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    method.on_after_backward(state)
-    opt.step()
-    state.step += 1
-    method.on_after_step(state)
-    return out
 
 
 def sgd(method: SwAV, lr: float = 0.5) -> torch.optim.Optimizer:
