@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.barlow import BarlowTwins, barlow_twins_loss
 from sslrun.methods.base import TrainState
-from runner import method_config
+from runner import engine_step, method_config
 
 A = [1.0, -1.0, 1.0, -1.0]  # two standardised columns (mean 0, variance 1) ...
 C = [1.0, 1.0, -1.0, -1.0]  # ... orthogonal to each other
@@ -83,13 +83,7 @@ def test_yaml_builds_and_trains():
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         views = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
-        out = method(views, torch.arange(8))
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        method.on_after_backward(state)
-        opt.step()
-        state.step += 1
-        method.on_after_step(state)
+        out = engine_step(method, opt, views, state, torch.arange(8))
         assert torch.isfinite(out["loss"]) and out["z"].shape == (8, 16)
     assert method.backbone.conv1[0].weight.grad is not None
 

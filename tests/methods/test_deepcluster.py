@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.deepcluster import DeepCluster, balanced_weights, pca_whiten
-from runner import method_config
+from runner import engine_step, method_config
 
 N = 48
 
@@ -133,12 +133,6 @@ def test_smoke_steps_with_engine_hooks():
         for _ in range(2):
             index = torch.randperm(N)[:8]
             x = images[index]
-            out = method([x + 0.1 * torch.randn_like(x), x], index)
-            opt.zero_grad()
-            out["loss"].backward()
-            method.on_after_backward(state)
-            opt.step()
-            state.step += 1
-            method.on_after_step(state)
+            out = engine_step(method, opt, [x + 0.1 * torch.randn_like(x), x], state, index)
             assert torch.isfinite(out["loss"]) and out["z"].shape == (8, 32)
     assert method.classifier.weight.grad is not None

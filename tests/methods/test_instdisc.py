@@ -10,7 +10,7 @@ from sslrun.errors import SslrunError
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.instdisc import InstDisc, nce_loss
 from sslrun.methods.membank import MemoryBank
-from runner import method_config
+from runner import engine_step, method_config
 
 N = 40  # images in the toy dataset
 
@@ -162,12 +162,7 @@ def test_smoke_steps_with_engine_hooks():
     state = TrainState()
     for step in range(3):
         method.on_epoch_start(state)
-        out = method(*batch(seed=step))
-        opt.zero_grad()
-        out["loss"].backward()
-        method.on_after_backward(state)
-        opt.step()
-        state.step += 1
-        method.on_after_step(state)
+        views, index = batch(seed=step)
+        out = engine_step(method, opt, views, state, index)
         assert torch.isfinite(out["loss"]) and out["z"].shape == (8, 128)
     torch.testing.assert_close(method.bank.data.norm(dim=1), torch.ones(N))

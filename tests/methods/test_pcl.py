@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.pcl import PCL, concentration, proto_nce, sample_negatives
-from runner import method_config
+from runner import engine_step, method_config
 
 N = 48  # images in the toy dataset
 
@@ -202,12 +202,7 @@ def test_smoke_steps_with_engine_hooks():
     for epoch in range(2):  # one step of warm-up (InfoNCE alone), one with ProtoNCE
         state.epoch = epoch
         method.on_epoch_start(state)
-        out = method(*data.batch(state.step))
-        opt.zero_grad()
-        out["loss"].backward()
-        method.on_after_backward(state)
-        opt.step()
-        state.step += 1
-        method.on_after_step(state)
+        views, index = data.batch(state.step)
+        out = engine_step(method, opt, views, state, index)
         assert torch.isfinite(out["loss"]) and out["z"].shape == (8, 128)
     assert "proto_nce" in out and torch.isfinite(out["proto_nce"])
