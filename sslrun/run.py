@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from .config_check import check_against_data, check_config
 from .data.datasets import load_dataset
 from .engine.checkpoint import load_checkpoint
-from .engine.device import resolve_device, resolve_precision
+from .engine.device import cpu_has_bf16_units, resolve_device, resolve_precision
 from .engine.trainer import Pretrainer
 from .errors import SslrunError
 from .eval.evaluate import evaluate
@@ -62,6 +62,8 @@ def run(cfg: DictConfig, run_dir: Path, overridden: set[str] = frozenset(), cons
     torch.manual_seed(cfg.trainer.seed)
     device = resolve_device(cfg.trainer.device)
     autocast_dtype = resolve_precision(cfg.trainer.precision, device)
+    if device.type == "cpu" and autocast_dtype is None and not cfg.eval.only and cpu_has_bf16_units():
+        console.print("[dim]This CPU has bf16 matrix units (AMX): trainer.precision=bf16 trains 1.5-1.8x faster.[/dim]")
     splits = load_dataset(cfg.dataset)
     backbone = _build(cfg.backbone, "backbone")
     t0 = time.perf_counter()

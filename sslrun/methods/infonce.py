@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .losses import in_fp32
+
 
 def distributed() -> bool:
     """Whether this process is one of several under ``torch.distributed`` (e.g. torchrun)."""
@@ -27,6 +29,7 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+@in_fp32
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo's eq. (1), averaged over the batch:
     ``-log exp(q.k+/T) / (exp(q.k+/T) + sum_j exp(q.k_j/T))``.
@@ -35,11 +38,12 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
     all queries. The positive is logit 0 of each row, as in the official code.
     """
     pos = (q * k).sum(dim=1, keepdim=True)
-    neg = q @ negatives.to(q.dtype).T
+    neg = q @ negatives.T
     logits = torch.cat([pos, neg], dim=1) / temperature
-    return F.cross_entropy(logits.float(), torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
+@in_fp32
 def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE whose negatives are the other keys of the batch: ``k[i]`` is the positive of ``q[i]`` and
     every ``k[j]``, j != i, a negative; averaged over the queries.
@@ -51,4 +55,4 @@ def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, temperature: float) -> t
     offset = dist.get_rank() * q.shape[0] if distributed() else 0
     logits = q @ keys.T / temperature
     targets = torch.arange(q.shape[0], device=q.device) + offset
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits, targets)

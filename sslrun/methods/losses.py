@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 
+LossFn = TypeVar("LossFn", bound=Callable[..., torch.Tensor])
 
+
+def in_fp32(loss_fn: LossFn) -> LossFn:
+    """Run a loss in float32 even under bf16 autocast, with its tensor arguments cast up.
+
+    bf16 keeps 8 mantissa bits: a cosine similarity carries ~0.4% rounding, which a temperature of 0.1
+    magnifies tenfold in the logits. The loss is a few small matmuls, so fp32 costs nothing measurable.
+    """
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        with torch.autocast(device, enabled=False):
+            return loss_fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@in_fp32
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's normalised-temperature cross entropy over 2N views (Chen et al., 2020, eq. 1).
 
@@ -19,6 +43,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits, targets)
 
 
+@in_fp32
 def negative_cosine(p: torch.Tensor, z: torch.Tensor, stop_gradient: bool = True) -> torch.Tensor:
     """SimSiam's D(p, z) = -cos(p, stopgrad(z)), averaged over the batch."""
     if stop_gradient:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .base import FitInfo, TrainState
 from .kmeans import MapDataset, encode_dataset, kmeans
+from .losses import in_fp32
 from .moco import MoCo
 
 
@@ -52,6 +53,7 @@ def sample_negatives(labels: torch.Tensor, k: int, r: int) -> torch.Tensor:
     return slots + (slots >= labels[:, None]).long()
 
 
+@in_fp32
 def proto_nce(q: torch.Tensor, prototypes: torch.Tensor, phi: torch.Tensor, labels: torch.Tensor,
               num_negatives: int) -> torch.Tensor:
     """ProtoNCE's prototype term for one clustering m, averaged over the batch:
@@ -64,7 +66,7 @@ def proto_nce(q: torch.Tensor, prototypes: torch.Tensor, phi: torch.Tensor, labe
     """
     k = prototypes.shape[0]
     negatives = sample_negatives(labels, k, min(num_negatives, k - 1))
-    logits = (q @ prototypes.to(q.dtype).T).float() / phi  # every prototype's logit: B x k, cheaper than B x r x d
+    logits = q @ prototypes.T / phi  # every prototype's logit: B x k, cheaper than B x r x d
     logits = torch.cat([logits.gather(1, labels[:, None]), logits.gather(1, negatives)], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(labels))
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sslrun.methods.infonce import info_nce
 from sslrun.methods.losses import negative_cosine, nt_xent
 
 
@@ -56,3 +57,17 @@ def test_negative_cosine_without_stop_gradient_reaches_target():
     z = torch.randn(3, 4, requires_grad=True)
     negative_cosine(p, z, stop_gradient=False).backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss_fn", [lambda a, b: nt_xent(a, b, 0.1), negative_cosine, lambda a, b: info_nce(a, b, b, 0.07)])
+def test_losses_run_in_fp32_under_bf16_autocast(loss_fn):
+    # Rounding the similarities to bf16 would move the loss by ~1e-2; the fp32 loss matches to ~1e-6.
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(64, 32), dim=1), F.normalize(torch.randn(64, 32), dim=1)
+    exact = loss_fn(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss_fn(a.bfloat16(), b.bfloat16())
+    rounded = loss_fn(a.bfloat16().float(), b.bfloat16().float())  # only the inputs' own rounding
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, rounded, rtol=1e-5, atol=1e-6)
+    assert torch.isclose(mixed, exact, atol=2e-2)
