@@ -129,6 +129,12 @@ class Pretrainer:
                 out.append(fn(x))
         return torch.cat(out)
 
+    def _expected_steps(self) -> int:
+        """Steps the run will take: the epochs' count, or fewer where trainer.max_minutes ends it first (the
+        progress bar's total, so that its ETA is the budget's)."""
+        p = self.state.progress
+        return min(self.total_steps, round(self.state.step / p)) if p > 0 else self.total_steps
+
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
@@ -171,8 +177,9 @@ class Pretrainer:
                         self.optimizer.step()
                     st.step += 1
                     self.method.on_after_step(st)
-                    if self.monitor.after_step(st, out["loss"], out["z"].detach(), lr):
-                        bar.update(task, completed=st.step, **self.monitor.last)
+                    terms = {k: v for k, v in out.items() if k not in ("loss", "z") and v.ndim == 0}
+                    if self.monitor.after_step(st, out["loss"], out["z"].detach(), lr, terms):
+                        bar.update(task, completed=st.step, total=self._expected_steps(), **self.monitor.last)
                     if self.budget_s and self._elapsed() >= self.budget_s:
                         self.result.stopped_by = "max_minutes"
                         break
@@ -183,7 +190,7 @@ class Pretrainer:
                         self._checkpoint()
                     self.monitor.restart_clock()  # images/s counts training, not checkpoints
                 self.monitor.flush(out["z"].detach())
-                bar.update(task, completed=self.state.step, **self.monitor.last)
+                bar.update(task, completed=self.state.step, total=self._expected_steps(), **self.monitor.last)
                 if not self.console.is_terminal:  # logs and CI: a bar redrawn in place prints nothing useful
                     last = self.monitor.last
                     self.console.print(f"epoch {self.state.epoch}  step {self.state.step}  loss {last['loss']:.4f}  "

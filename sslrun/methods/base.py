@@ -43,8 +43,9 @@ class Method(nn.Module):
     """Base class: subclasses set ``self.backbone`` and implement ``forward``.
 
     ``forward(views, index)`` returns a dict with at least ``loss`` (a scalar) and ``z`` (the projector
-    output of the first view, read by the collapse monitor). ``views`` is a list of normalised image
-    batches, large crops first; ``index`` holds the dataset indices of the batch.
+    output of the first view, read by the collapse monitor); any other scalar in it (a loss term, such as
+    PCL's ``proto_nce``) is logged as ``train/<key>``. ``views`` is a list of normalised image batches, large
+    crops first; ``index`` holds the dataset indices of the batch.
     """
 
     backbone: nn.Module

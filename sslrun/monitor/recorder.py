@@ -72,7 +72,7 @@ class TrainingMonitor:
         self.spikes: list[Spike] = []
         self.knn_records: list[dict] = []
         self.last = {"loss": math.nan, "lr": 0.0, "ips": 0.0}  # for the progress bar
-        self._pending: list[tuple[int, torch.Tensor, float]] = []
+        self._pending: list[tuple[int, torch.Tensor, float, dict[str, torch.Tensor]]] = []
         self._row: torch.Tensor | None = None
         self._next_rank = 0
         self._last_knn: dict | None = None
@@ -92,9 +92,12 @@ class TrainingMonitor:
             return not bool(spike.any())  # the optimizer step is a host decision: one sync per step
         return True
 
-    def after_step(self, state: TrainState, loss: torch.Tensor, z: torch.Tensor, lr: float) -> bool:
-        """Buffer the step; flush at log steps, run the step kNN monitor when due. Returns whether it logged."""
-        self._pending.append((state.step, torch.cat([loss.detach().float().reshape(1), self._row]), lr))
+    def after_step(self, state: TrainState, loss: torch.Tensor, z: torch.Tensor, lr: float,
+                   terms: dict[str, torch.Tensor] | None = None) -> bool:
+        """Buffer the step and its extra scalar ``terms`` (logged as train/<key>); flush at log steps, run
+        the step kNN monitor when due. Returns whether it logged."""
+        terms = {k: v.detach().float() for k, v in (terms or {}).items()}
+        self._pending.append((state.step, torch.cat([loss.detach().float().reshape(1), self._row]), lr, terms))
         logged = state.step % self.log_every == 0
         if logged:
             self.flush(z)
@@ -120,6 +123,9 @@ class TrainingMonitor:
         steps = [p[0] for p in self._pending]
         lrs = [p[2] for p in self._pending]
         rows = torch.stack([p[1] for p in self._pending]).cpu()
+        term_keys = [(step, k) for step, *_, terms in self._pending for k in terms]
+        term_values = torch.stack([t for *_, terms in self._pending for t in terms.values()]).tolist() \
+            if term_keys else []
         self._pending.clear()
         loss = rows[:, 0]
         bad = (~torch.isfinite(loss)).nonzero()
@@ -141,6 +147,8 @@ class TrainingMonitor:
                     step)
             self.spikes.extend(now)
             w.add_scalar("grad/spikes", len(self.spikes), step)
+        for (step, key), value in zip(term_keys, term_values):
+            w.add_scalar(f"train/{key}", value, step)
         self._write_layers(steps[-1], l2, linf, median)
         if z is not None:
             w.add_scalar("collapse/std", collapse_std(z).item(), steps[-1])

@@ -207,3 +207,24 @@ def test_simsiam_without_stop_gradient_collapses_and_with_it_does_not(tmp_path):
     assert final["true"][0] > 0.8  # the paper's Fig. 2: with stop-gradient the std stays near 1/sqrt(d)
     assert final["false"][0] < 0.2 and final["false"][1] < -0.95  # without: a constant output, loss -> -1
     assert math.isfinite(final["true"][1])
+
+
+def test_extra_scalar_outputs_are_logged_as_train_terms(tmp_path):
+    # A method's extra loss terms (PCL's proto_nce) reach TensorBoard at their own steps, and only where given.
+    cfg = config("method=simsiam", "trainer.log_every=3")
+    splits = load_dataset(cfg.dataset)
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone))
+    x = normalize(splits.pretrain.images[:16], splits.mean, splits.std)
+    with SummaryWriter(str(tmp_path)) as writer:
+        monitor = TrainingMonitor(method, splits, cfg, torch.device("cpu"), None, writer, tmp_path, raise_non_finite)
+        state = TrainState()
+        for i in range(7):
+            out = method([x, x.flip(-1)], torch.arange(16))
+            out["loss"].backward()
+            monitor.after_backward()
+            state.step += 1
+            terms = {"proto_nce": torch.tensor(10.0 + state.step)} if state.step >= 3 else {}
+            monitor.after_step(state, out["loss"], out["z"].detach(), 0.1, terms)
+        monitor.flush()
+    logged = [(e.step, e.value) for e in scalars(tmp_path).Scalars("train/proto_nce")]
+    assert logged == [(s, 10.0 + s) for s in range(3, 8)]
