@@ -17,7 +17,7 @@ RUNS=${RUNS:-outputs/pictures}
 SIMSIAM_IMAGES=${SIMSIAM_IMAGES:-10240}   # 40 steps per epoch at batch 256
 SIMSIAM_EPOCHS=${SIMSIAM_EPOCHS:-15}
 MOCO_IMAGES=${MOCO_IMAGES:-6400}          # 100 steps per epoch at batch 64
-MOCO_EPOCHS=${MOCO_EPOCHS:-3}
+MOCO_EPOCHS=${MOCO_EPOCHS:-2}
 # vit_tiny's recipe (patch 4 on 28 px: 49 tokens + CLS, sin-cos positions) cut to 4 blocks of width 96: a
 # full vit_tiny step takes ~20 s on 2 CPU cores, this one ~1 s. VIT="" runs the full vit_tiny.
 VIT=${VIT-backbone.depth=4 backbone.embed_dim=96}
@@ -41,12 +41,12 @@ fi
 
 if [[ $what == mocov3 || $what == all ]]; then
   # lr 0.1 x 64/256 with no warmup is ~10x MoCo v3's stable lr for this model: gradient spikes appear.
-  # log_every=1 writes every step's gradient magnitude; the kNN monitor runs every 25 steps.
+  # log_every=1 writes every step's gradient magnitude; the kNN monitor runs every 10 steps.
   # shellcheck disable=SC2086  # VIT is a list of overrides
   sslrun -m method=mocov3 backbone=vit_tiny backbone.patch_size=4 backbone.frozen_patch_embed=false,true $VIT \
     dataset=fashion_mnist dataset.limit_train="$MOCO_IMAGES" trainer.epochs="$MOCO_EPOCHS" trainer.batch_size=64 \
     method.proj_hidden_dim=512 method.pred_hidden_dim=512 optimizer=adamw optimizer.lr=0.1 \
-    optimizer.warmup_epochs=0 trainer.log_every=1 monitor.knn_every_steps=25 monitor.knn_bank_size=1000 \
+    optimizer.warmup_epochs=0 trainer.log_every=1 monitor.knn_every_steps=10 monitor.knn_bank_size=1000 \
     monitor.knn_query_size=500 eval.linear.epochs=20 hydra.sweep.dir="$RUNS/mocov3" "$short"
   sslrun-plot "$RUNS/mocov3" -o "$OUT/mocov3_spikes.png" --panels grad,knn,loss \
     --title "MoCo v3 + ViT on Fashion-MNIST at a high lr: gradient spikes and the kNN curve"

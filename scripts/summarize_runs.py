@@ -2,7 +2,7 @@
 
     python scripts/summarize_runs.py outputs/multirun/2026-11-22/10-00-00 [--by method]
 
-Reads each run's metrics.json, its composed config (.hydra/config.yaml) and the last collapse/std of
+Reads each run's metrics.json, its config choices (.hydra/hydra.yaml) and the last collapse/std of
 its TensorBoard events, and prints one row per run.
 """
 
@@ -32,9 +32,9 @@ def last_scalar(run: Path, tag: str) -> float:
 
 def row(run: Path) -> dict:
     m = json.loads((run / "metrics.json").read_text())
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    target = cfg.method._target_.rsplit(".", 1)[-1]
-    return {"method": target, "run": run.name, "knn_top1": m.get("knn_top1"), "linear_top1": m.get("linear_top1"),
+    # The config group's choice (mocov1, mocov2) rather than the class name (MoCo for both).
+    choices = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    return {"method": choices.method, "run": run.name, "knn_top1": m.get("knn_top1"), "linear_top1": m.get("linear_top1"),
             "epochs": m.get("epochs"), "imgs_per_s": m.get("imgs_per_s"),
             "collapse_std": last_scalar(run, "collapse/std"), "std_ref": last_scalar(run, "collapse/std_ref")}
 
