@@ -53,12 +53,18 @@ class InstDisc(Method):
         self.bank = MemoryBank(info.num_samples, self.projector.out_features).to(device)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        # The loss runs in float32: exp(1/T) with T=0.07 is ~1e6, too coarse in bf16.
+        # The loss runs in float32 (see forward): exp(1/T) with T=0.07 is ~1e6, too coarse in bf16.
         return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         # One augmented view per image, as in the paper.
         f = self.embed(views[0])
+        with torch.autocast(f.device.type, enabled=False):
+            loss = self._loss(f, index)
+        self._pending = (index, f.detach())
+        return {"loss": loss, "z": f}
+
+    def _loss(self, f: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         bank = self.bank.data  # a buffer: no gradient reaches it
         pos = (f * bank[index]).sum(1)
         if self.objective == "softmax" and self.nce_k is None:
@@ -74,8 +80,7 @@ class InstDisc(Method):
             else:
                 p = torch.exp(logits) / self._normaliser(logits)
                 loss = nce_loss(p[:, 0], p[:, 1:], len(self.bank))
-        self._pending = (index, f.detach())
-        return {"loss": loss, "z": f}
+        return loss
 
     def _normaliser(self, logits: torch.Tensor) -> torch.Tensor:
         """Z ~ n * E_j[exp(v_j . f / T)], a Monte-Carlo estimate from the first batch, then fixed (the paper)."""

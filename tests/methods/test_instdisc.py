@@ -91,12 +91,25 @@ def test_forward_is_the_paper_nce_with_z_from_the_first_batch():
     neg = torch.randint(N, (6,))
     f = F.normalize(method.projector(method.backbone(views[0])), dim=1)
     bank = method.bank.data
-    e = torch.exp(torch.cat([(f * bank[index]).sum(1, keepdim=True), f @ bank[neg].T], 1) / 0.07)
+    e = torch.exp(torch.cat([(f * bank[index]).sum(1, keepdim=True), f @ bank[neg].T], 1) / method.temperature)
     z = e.mean() * N
     assert method.nce_z.item() == pytest.approx(z.item(), rel=1e-5)
     p = e / z
     assert out["loss"].item() == pytest.approx(nce_reference(p[:, 0], p[:, 1:], N), rel=1e-4)
     torch.testing.assert_close(out["z"], f)
+
+
+def test_the_loss_runs_in_fp32_under_bf16_autocast():
+    # Scores divided by T = 0.07 and exponentiated: bf16 similarities would move the loss by ~1%.
+    method = build(nce_k=6)
+    views, index = batch()
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method(views, index)
+    torch.manual_seed(3)  # the same noise draw, scored from the same features with autocast off
+    exact = method._loss(out["z"].detach(), index)
+    assert out["loss"].dtype == torch.float32
+    assert out["loss"].item() == pytest.approx(exact.item(), rel=1e-6)
 
 
 def test_z_is_estimated_once_and_kept_in_checkpoints():
