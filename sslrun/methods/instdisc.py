@@ -53,7 +53,7 @@ class InstDisc(Method):
         self.bank = MemoryBank(info.num_samples, self.projector.out_features).to(device)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        # The loss runs in float32 (see forward): exp(1/T) with T=0.07 is ~1e6, too coarse in bf16.
+        # The loss runs in float32 (see forward): exp(1/T) is ~2e4 at T=0.1, too coarse in bf16.
         return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
