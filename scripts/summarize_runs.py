@@ -34,7 +34,8 @@ def row(run: Path) -> dict:
     m = json.loads((run / "metrics.json").read_text())
     # The config group's choice (mocov1, mocov2) rather than the class name (MoCo for both).
     choices = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices
-    return {"method": choices.method, "run": run.name, "knn_top1": m.get("knn_top1"), "linear_top1": m.get("linear_top1"),
+    return {"method": choices.method, "run": run.name, "knn_top1": m.get("knn_top1"),
+            "linear_top1": m.get("linear_top1"),
             "epochs": m.get("epochs"), "imgs_per_s": m.get("imgs_per_s"),
             "collapse_std": last_scalar(run, "collapse/std"), "std_ref": last_scalar(run, "collapse/std_ref")}
 

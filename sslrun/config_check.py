@@ -45,7 +45,8 @@ def check_config(cfg: DictConfig) -> None:
     _choice(cfg, "eval.knn.backend", ("torch", "faiss"))
     _choice(cfg, "trainer.resume", ("auto", "never"), other_ok=True)
     if cfg.eval.only and not cfg.eval.checkpoint:
-        raise SslrunError("eval.only=true needs a checkpoint to evaluate: add eval.checkpoint=<run dir>/checkpoints/last.pt.")
+        raise SslrunError("eval.only=true needs a checkpoint to evaluate: add "
+                          "eval.checkpoint=<run dir>/checkpoints/last.pt.")
 
 
 def check_against_data(cfg: DictConfig, num_pretrain: int) -> None:

@@ -222,7 +222,7 @@ class ViewRecipe:
     solarize_p: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> "ViewRecipe":
+    def from_config(cls, cfg: Mapping) -> ViewRecipe:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -287,7 +287,7 @@ class ViewParams:
     sigma: Tensor  # [n] blur std, 0 where not blurred
     solarize: Tensor  # [n] bool
 
-    def __getitem__(self, index: slice) -> "ViewParams":
+    def __getitem__(self, index: slice) -> ViewParams:
         return ViewParams(*(getattr(self, f.name)[index] for f in fields(self)))
 
 

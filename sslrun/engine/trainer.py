@@ -13,10 +13,10 @@ from rich.console import Console
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from ..data.augment import normalize
 from ..data.batches import TensorBatches
 from ..data.image_set import DatasetSplits
 from ..errors import SslrunError
-from ..data.augment import normalize
 from ..methods.base import FitInfo, Method, TrainState
 from ..monitor.progress import training_progress
 from ..monitor.recorder import TrainingMonitor

@@ -104,7 +104,7 @@ def attention_figure(images: torch.Tensor, attn: torch.Tensor, keep: float = 0.6
     (``attn`` [n, heads, patches], patches a square grid in raster order), then each head's mask that
     keeps ``keep`` of the attention mass, laid over the image."""
     n, heads, patches = attn.shape
-    grid = int(round(patches ** 0.5))
+    grid = round(patches ** 0.5)
     if grid * grid != patches:
         raise ValueError(f"{patches} patch tokens do not form a square grid")
     maps = attn.detach().float().cpu().reshape(n, heads, grid, grid)
@@ -122,7 +122,8 @@ def attention_figure(images: torch.Tensor, attn: torch.Tensor, keep: float = 0.6
             if i == 0:
                 ax.set_title(f"head {k + 1}", fontsize=7)
             up = torch.nn.functional.interpolate(masks[i, k][None], size=(h, w), mode="nearest")[0]
-            _show(axes[i, 1 + heads + k], img * (0.25 + 0.75 * up), f"{keep:.0%} mass, head {k + 1}" if i == 0 else None)
+            title = f"{keep:.0%} mass, head {k + 1}" if i == 0 else None
+            _show(axes[i, 1 + heads + k], img * (0.25 + 0.75 * up), title)
     return fig
 
 

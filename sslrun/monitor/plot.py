@@ -101,7 +101,11 @@ def _spikes(run: Path, acc) -> list[dict]:
 
 
 def load_run(path: Path, label: str) -> Run:
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        TENSORS,
+        EventAccumulator,
+    )
 
     acc = EventAccumulator(str(path), size_guidance={SCALARS: 0, TENSORS: 0})  # 0 = keep every point
     acc.Reload()
@@ -192,7 +196,8 @@ def draw(runs: list[Run], names: list[str], grad_tag: str, spike_layer: str | No
             if handles:
                 break
     if handles:
-        fig.legend(handles, lbls, loc="outside lower center", ncols=1 if max(map(len, lbls)) > 40 else min(len(handles), 3), fontsize=8, frameon=False)
+        ncols = 1 if max(map(len, lbls)) > 40 else min(len(handles), 3)  # long labels: one per line
+        fig.legend(handles, lbls, loc="outside lower center", ncols=ncols, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

@@ -29,7 +29,13 @@ from ..eval.features import extract_features
 from ..eval.knn import knn_predict, topk_accuracy
 from ..methods.base import TrainState
 from .collapse import collapse_std, effective_rank
-from .figures import attention_figure, augmentation_preview, embedding_map, retrieval_figure, save_figure
+from .figures import (
+    attention_figure,
+    augmentation_preview,
+    embedding_map,
+    retrieval_figure,
+    save_figure,
+)
 from .grads import LayerGrads
 from .maps import pca_2d, tsne_2d
 from .spikes import Spike, SpikeDetector, spike_events
@@ -48,7 +54,8 @@ def check_monitor_config(m: DictConfig) -> None:
     if m.on_spike not in ON_SPIKE:
         raise SslrunError(f"monitor.on_spike={m.on_spike!r} is not a valid choice; use one of: {', '.join(ON_SPIKE)}.")
     if m.figures.map not in MAPS:
-        raise SslrunError(f"monitor.figures.map={m.figures.map!r} is not a valid choice; use one of: {', '.join(MAPS)}.")
+        raise SslrunError(f"monitor.figures.map={m.figures.map!r} is not a valid choice; "
+                          f"use one of: {', '.join(MAPS)}.")
     if not (m.layer_depth == "auto" or (isinstance(m.layer_depth, int) and m.layer_depth > 0)):
         raise SslrunError(f"monitor.layer_depth={m.layer_depth!r} must be auto or a positive integer.")
 

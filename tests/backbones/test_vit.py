@@ -4,7 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslrun.backbones.vit import VisionTransformer, sincos_pos_embed_2d, vit_small, vit_tiny
+from sslrun.backbones.vit import (
+    VisionTransformer,
+    sincos_pos_embed_2d,
+    vit_small,
+    vit_tiny,
+)
 
 
 def tiny(**kw) -> VisionTransformer:

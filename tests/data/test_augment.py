@@ -39,7 +39,8 @@ from sslrun.data.augment import (
 from sslrun.errors import SslrunError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "augmentation"
-SIMCLR = dict(count=2, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2)
+SIMCLR = {"count": 2, "jitter_p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1,
+          "grayscale_p": 0.2}
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -127,7 +128,7 @@ def test_params_independent_across_samples_and_draws():
 
 
 def test_forward_shapes_dtypes_and_recipe_order():
-    views = [dict(count=2, size=32), dict(count=3, size=16, scale=[0.05, 0.2])]
+    views = [{"count": 2, "size": 32}, {"count": 3, "size": 16, "scale": [0.05, 0.2]}]
     vg = ViewGenerator(views, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     out = vg(x, gen())
@@ -162,7 +163,7 @@ def test_seeded_generator_is_deterministic():
 def test_identity_recipe_gives_normalized_input():
     x = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8, generator=gen())
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
-    vg = ViewGenerator([dict(scale=[1, 1], ratio=[1, 1], hflip=0.0)], mean, std)
+    vg = ViewGenerator([{"scale": [1, 1], "ratio": [1, 1], "hflip": 0.0}], mean, std)
     (view,) = vg(x, gen())
     expected = TF.normalize(x.float() / 255, mean, std)
     assert torch.allclose(view, expected, atol=1e-5) and torch.allclose(normalize(x, mean, std), expected, atol=1e-6)

@@ -15,7 +15,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sslrun.data import datasets
-from sslrun.data.datasets import DEBIAN_FASHION_MNIST, imagefolder, load_dataset, synthetic
+from sslrun.data.datasets import (
+    DEBIAN_FASHION_MNIST,
+    imagefolder,
+    load_dataset,
+    synthetic,
+)
 from sslrun.data.image_set import DatasetSplits, ImageSet
 from sslrun.errors import SslrunError
 

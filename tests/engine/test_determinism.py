@@ -1,9 +1,9 @@
 from pathlib import Path
 
 import pytest
-from runner import FAST, ROOT
 from hydra import compose, initialize_config_dir
 from rich.console import Console
+from runner import FAST, ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sslrun.run import run

@@ -10,8 +10,8 @@ from sslrun.engine.optim import build_optimizer, effective_lr, lr_factor, set_lr
 
 
 def cfg(**over):
-    base = dict(_target_="torch.optim.SGD", lr=0.1, momentum=0.9, weight_decay=5e-4, scale_lr=True,
-                warmup_epochs=0, warmup_start_factor=0.0, min_lr_factor=0.0, exclude_bias_norm=True)
+    base = {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "scale_lr": True,
+                "warmup_epochs": 0, "warmup_start_factor": 0.0, "min_lr_factor": 0.0, "exclude_bias_norm": True}
     return OmegaConf.create({**base, **over})
 
 

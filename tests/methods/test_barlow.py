@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 from hydra.utils import instantiate
+from runner import engine_step, method_config
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.barlow import BarlowTwins, barlow_twins_loss
 from sslrun.methods.base import TrainState
-from runner import engine_step, method_config
 
 A = [1.0, -1.0, 1.0, -1.0]  # two standardised columns (mean 0, variance 1) ...
 C = [1.0, 1.0, -1.0, -1.0]  # ... orthogonal to each other

@@ -3,13 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from runner import method_config
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import TrainState
 from sslrun.methods.byol import BYOL, byol_loss
 from sslrun.methods.momentum import cosine_momentum
-from runner import method_config
-
 
 
 def views(n: int = 8, seed: int = 0) -> list[torch.Tensor]:

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from runner import engine_step, method_config
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.deepcluster import DeepCluster, balanced_weights, pca_whiten
-from runner import engine_step, method_config
 
 N = 48
 
@@ -16,7 +16,7 @@ N = 48
 def build(**overrides) -> DeepCluster:
     torch.manual_seed(0)
     cfg = method_config('deepcluster')
-    params = dict(num_clusters=3, pca_dim=None)
+    params = {'num_clusters': 3, 'pca_dim': None}
     return instantiate(cfg, backbone=SmallCNN(in_channels=3, width=8, feat_dim=32), **(params | overrides))
 
 

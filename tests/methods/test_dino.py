@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 from hydra.utils import instantiate
+from runner import engine_step, method_config
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.dino import DINO, clip_per_parameter, dino_loss, teacher_temperature
 from sslrun.methods.momentum import cosine_momentum
-from runner import engine_step, method_config
 
 B = 4
 OUT = 10
@@ -36,7 +36,7 @@ def dino_loss_reference(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, ts: f
 
 def make_dino(**kw) -> DINO:
     torch.manual_seed(0)
-    args = dict(out_dim=OUT, hidden_dim=16, bottleneck_dim=8, clip_grad=0.0, freeze_last_layer=0)
+    args = {"out_dim": OUT, "hidden_dim": 16, "bottleneck_dim": 8, "clip_grad": 0.0, "freeze_last_layer": 0}
     return DINO(SmallCNN(in_channels=3, width=8, feat_dim=32), **{**args, **kw})
 
 

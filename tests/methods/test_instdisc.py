@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from runner import engine_step, method_config
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.errors import SslrunError
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.instdisc import InstDisc, nce_loss
 from sslrun.methods.membank import MemoryBank
-from runner import engine_step, method_config
 
 N = 40  # images in the toy dataset
 

@@ -59,7 +59,8 @@ def test_negative_cosine_without_stop_gradient_reaches_target():
     assert z.grad is not None and z.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("loss_fn", [lambda a, b: nt_xent(a, b, 0.1), negative_cosine, lambda a, b: info_nce(a, b, b, 0.07)])
+@pytest.mark.parametrize("loss_fn", [lambda a, b: nt_xent(a, b, 0.1), negative_cosine,
+                                     lambda a, b: info_nce(a, b, b, 0.07)])
 def test_losses_run_in_fp32_under_bf16_autocast(loss_fn):
     # Rounding the similarities to bf16 would move the loss by ~1e-2; the fp32 loss matches to ~1e-6.
     torch.manual_seed(0)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from runner import method_config
 from torch import nn
 
 from sslrun.backbones.small_cnn import SmallCNN
@@ -10,8 +11,6 @@ from sslrun.errors import SslrunError
 from sslrun.methods.base import TrainState
 from sslrun.methods.infonce import info_nce
 from sslrun.methods.moco import MoCo, SplitBatchNorm, split_batchnorm
-from runner import method_config
-
 
 
 def tiny_backbone() -> SmallCNN:

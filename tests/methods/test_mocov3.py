@@ -4,14 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from runner import method_config
 from torch import nn
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.backbones.vit import vit_tiny
 from sslrun.methods.base import TrainState
 from sslrun.methods.mocov3 import MoCoV3, mocov3_loss
-from runner import method_config
-
 
 
 def views(n: int = 8, seed: int = 0, size: int = 16) -> list[torch.Tensor]:

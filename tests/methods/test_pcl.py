@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from runner import engine_step, method_config
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.pcl import PCL, concentration, proto_nce, sample_negatives
-from runner import engine_step, method_config
 
 N = 48  # images in the toy dataset
 
@@ -117,7 +117,7 @@ def test_sampled_negatives_exclude_the_positive_and_are_uniform():
 def build(**overrides) -> PCL:
     torch.manual_seed(0)
     cfg = method_config('pcl')
-    params = dict(num_clusters=[4, 6], warmup_epochs=1, queue_size=32, proj_hidden_dim=32, bn_splits=2)
+    params = {'num_clusters': [4, 6], 'warmup_epochs': 1, 'queue_size': 32, 'proj_hidden_dim': 32, 'bn_splits': 2}
     return instantiate(cfg, backbone=SmallCNN(in_channels=3, width=8, feat_dim=32), **(params | overrides))
 
 

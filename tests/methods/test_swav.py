@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from runner import engine_step, method_config
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.methods.base import FitInfo, TrainState
 from sslrun.methods.sinkhorn import sinkhorn
 from sslrun.methods.swav import SwAV, swapped_prediction_loss
-from runner import engine_step, method_config
 
 B = 4
 
@@ -40,7 +40,8 @@ def make_views(n_small: int = 0, seed: int = 0) -> list[torch.Tensor]:
 
 def make_swav(**kw) -> SwAV:
     torch.manual_seed(0)
-    args = dict(proj_hidden_dim=16, proj_output_dim=8, num_prototypes=6, queue_length=0, freeze_prototypes_iters=0)
+    args = {"proj_hidden_dim": 16, "proj_output_dim": 8, "num_prototypes": 6, "queue_length": 0,
+            "freeze_prototypes_iters": 0}
     return SwAV(SmallCNN(in_channels=3, width=8, feat_dim=32), **{**args, **kw})
 
 

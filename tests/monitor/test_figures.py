@@ -1,11 +1,20 @@
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import (
+    IMAGES,
+    EventAccumulator,
+)
 from torch.utils.tensorboard import SummaryWriter
 
-from sslrun.monitor.figures import (attention_figure, attention_mask, augmentation_preview, embedding_map,
-                                    retrieval_figure, save_figure)
+from sslrun.monitor.figures import (
+    attention_figure,
+    attention_mask,
+    augmentation_preview,
+    embedding_map,
+    retrieval_figure,
+    save_figure,
+)
 from sslrun.monitor.maps import pca_2d, tsne_2d
 
 

@@ -2,9 +2,9 @@
 
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from rich.console import Console

@@ -11,7 +11,11 @@ from hydra.utils import instantiate
 from PIL import Image
 from rich.console import Console
 from runner import FAST, ROOT
-from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import (
+    IMAGES,
+    SCALARS,
+    EventAccumulator,
+)
 from torch.utils.tensorboard import SummaryWriter
 
 from sslrun.data.augment import normalize
@@ -180,7 +184,8 @@ def test_a_vit_run_writes_every_tag_and_figure(tmp_path):
 
 
 def test_resume_keeps_spikes_and_monitor_records(tmp_path):
-    base = ("method=simsiam", "monitor.figures.enabled=false", "monitor.spike_min_history=2", "monitor.spike_factor=1.01")
+    base = ("method=simsiam", "monitor.figures.enabled=false", "monitor.spike_min_history=2",
+            "monitor.spike_factor=1.01")
     first = run(config(*base), tmp_path, console=QUIET)  # factor ~1: steady training still flags a few steps
     second = run(config(*base, "trainer.epochs=2"), tmp_path, console=QUIET)
     assert second["spikes"][:len(first["spikes"])] == first["spikes"] and len(second["spikes"]) > len(first["spikes"])
