@@ -48,18 +48,28 @@ def raise_non_finite(step: int, value: float) -> None:
     raise AssertionError(f"non-finite loss {value} at step {step}")
 
 
+def tiny_simsiam(cfg):
+    """The method, one fixed batch of 16 images, and a function that builds its monitor on a writer."""
+    torch.manual_seed(0)
+    splits = load_dataset(cfg.dataset)
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone))
+    x = normalize(splits.pretrain.images[:16], splits.mean, splits.std)
+
+    def monitor_on(writer: SummaryWriter, run_dir: Path) -> TrainingMonitor:
+        return TrainingMonitor(method, splits, cfg, torch.device("cpu"), None, writer, run_dir, raise_non_finite)
+
+    return method, x, monitor_on
+
+
 def monitored_steps(tmp_path: Path, on_spike: str, steps: int = 12):
     """A tiny SimSiam, the same batch every step and no optimizer (so every step's gradient is the same),
     except step SPIKE_AT, whose gradient is INJECT times larger. Yields per step: the gradients before
     the monitor, after it, and whether it let the optimizer step."""
     cfg = config("method=simsiam", f"monitor.on_spike={on_spike}", "monitor.spike_min_history=4",
                  "monitor.spike_window=10", "trainer.log_every=1000")
-    torch.manual_seed(0)
-    splits = load_dataset(cfg.dataset)
-    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone))
-    x = normalize(splits.pretrain.images[:16], splits.mean, splits.std)
+    method, x, monitor_on = tiny_simsiam(cfg)
     with SummaryWriter(str(tmp_path)) as writer:
-        monitor = TrainingMonitor(method, splits, cfg, torch.device("cpu"), None, writer, tmp_path, raise_non_finite)
+        monitor = monitor_on(writer, tmp_path)
         state = TrainState()
         records = []
         for i in range(steps):
@@ -216,12 +226,9 @@ def test_simsiam_without_stop_gradient_collapses_and_with_it_does_not(tmp_path):
 
 def test_extra_scalar_outputs_are_logged_as_train_terms(tmp_path):
     # A method's extra loss terms (PCL's proto_nce) reach TensorBoard at their own steps, and only where given.
-    cfg = config("method=simsiam", "trainer.log_every=3")
-    splits = load_dataset(cfg.dataset)
-    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone))
-    x = normalize(splits.pretrain.images[:16], splits.mean, splits.std)
+    method, x, monitor_on = tiny_simsiam(config("method=simsiam", "trainer.log_every=3"))
     with SummaryWriter(str(tmp_path)) as writer:
-        monitor = TrainingMonitor(method, splits, cfg, torch.device("cpu"), None, writer, tmp_path, raise_non_finite)
+        monitor = monitor_on(writer, tmp_path)
         state = TrainState()
         for i in range(7):
             out = method([x, x.flip(-1)], torch.arange(16))
