@@ -8,11 +8,13 @@ from torch import nn
 
 from .base import Method
 from .heads import mlp
+from .losses import in_fp32
 from .multicrop import NUM_LARGE_CROPS, check_views
 
 BN_EPS = 1e-5  # the official code's affine-free nn.BatchNorm1d
 
 
+@in_fp32
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale_loss: float = 1.0) -> torch.Tensor:
     """scale_loss * [sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2], C = BN(z1)^T BN(z2) / B.
 
@@ -21,12 +23,11 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale_lo
     under bf16 autocast: the loss sums D^2 squared entries.
     """
     n = z1.shape[0]
-    with torch.autocast(z1.device.type, enabled=False):
-        z1 = F.batch_norm(z1.float(), None, None, training=True, eps=BN_EPS)
-        z2 = F.batch_norm(z2.float(), None, None, training=True, eps=BN_EPS)
-        c = z1.T @ z2 / n
-        on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-        off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    z1 = F.batch_norm(z1, None, None, training=True, eps=BN_EPS)
+    z2 = F.batch_norm(z2, None, None, training=True, eps=BN_EPS)
+    c = z1.T @ z2 / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
     return scale_loss * (on_diag + lambd * off_diag)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import SslrunError
 from .base import FitInfo, Method, TrainState
+from .losses import in_fp32
 from .membank import MemoryBank
 
 
@@ -53,17 +54,17 @@ class InstDisc(Method):
         self.bank = MemoryBank(info.num_samples, self.projector.out_features).to(device)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        # The loss runs in float32 (see forward): exp(1/T) is ~2e4 at T=0.1, too coarse in bf16.
+        # The loss runs in float32 (see _loss): exp(1/T) is ~2e4 at T=0.1, too coarse in bf16.
         return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         # One augmented view per image, as in the paper.
         f = self.embed(views[0])
-        with torch.autocast(f.device.type, enabled=False):
-            loss = self._loss(f, index)
+        loss = self._loss(f, index)
         self._pending = (index, f.detach())
         return {"loss": loss, "z": f}
 
+    @in_fp32
     def _loss(self, f: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         bank = self.bank.data  # a buffer: no gradient reaches it
         pos = (f * bank[index]).sum(1)

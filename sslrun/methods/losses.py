@@ -13,7 +13,8 @@ LossFn = TypeVar("LossFn", bound=Callable[..., torch.Tensor])
 
 
 def in_fp32(loss_fn: LossFn) -> LossFn:
-    """Run a loss in float32 even under bf16 autocast, with its tensor arguments cast up.
+    """Run a loss (or a scoring step, as a method) in float32 even under bf16 autocast, with its floating
+    tensor arguments cast up.
 
     bf16 keeps 8 mantissa bits: a cosine similarity carries ~0.4% rounding, which a temperature of 0.1
     magnifies tenfold in the logits. The loss is a few small matmuls, so fp32 costs nothing measurable.

@@ -13,6 +13,7 @@ from torch import nn
 
 from .base import Method, TrainState
 from .heads import mlp
+from .losses import in_fp32
 from .multicrop import NUM_LARGE_CROPS, check_views, encode_by_resolution
 from .queue import FeatureQueue
 from .sinkhorn import sinkhorn
@@ -57,11 +58,11 @@ class SwAV(Method):
         self._to_push: torch.Tensor | None = None
 
     # ---- forward -----------------------------------------------------------------------------
+    @in_fp32
     def _scores(self, z: torch.Tensor) -> torch.Tensor:
         # Cosine scores in fp32 even under bf16 autocast: they are divided by T = 0.1 for the loss and
         # by epsilon = 0.05 inside Sinkhorn's exp, which would magnify bf16 rounding into noisy codes.
-        with torch.autocast(z.device.type, enabled=False):
-            return self.prototypes(z.float())
+        return self.prototypes(z)
 
     def _queue_on(self) -> bool:
         return len(self.queues) > 0 and self._epoch >= self.queue_start_epoch
