@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .config_check import check_against_data, check_config
 from .data.datasets import load_dataset
-from .engine.checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint
 from .engine.device import cpu_has_bf16_units, resolve_device, resolve_precision
 from .engine.trainer import Pretrainer
 from .errors import SslrunError

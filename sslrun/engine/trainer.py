@@ -21,7 +21,7 @@ from ..methods.base import FitInfo, Method, TrainState
 from ..monitor.progress import training_progress
 from ..monitor.recorder import TrainingMonitor
 from ..monitor.spikes import Spike
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .optim import build_optimizer, lr_factor, set_lr
 
 

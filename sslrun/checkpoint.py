@@ -1,4 +1,5 @@
-"""Atomic checkpoints: a run killed at any moment keeps its last good checkpoint."""
+"""Atomic checkpoints, read and written on the ground floor: the engine, eval-only and a method that loads a
+teacher (distillation) all reach them without importing the engine or the run module."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SslrunError
+from .errors import SslrunError
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sslrun.engine import checkpoint as ck
+from sslrun import checkpoint as ck
 from sslrun.errors import SslrunError
 
 
