@@ -7,11 +7,15 @@ branches on a method's name, and a method never reads the trainer's config.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+# ``step(name, loss)``: backpropagate ``loss`` and step optimizer ``name`` (see ``Method.training_step``).
+StepFn = Callable[[str, torch.Tensor], None]
 
 
 @dataclass
@@ -25,6 +29,12 @@ class FitInfo:
     # Runs a function over the un-augmented pretraining images in index order, batched, and
     # concatenates its outputs (PCL and DeepCluster cluster the whole set with it).
     map_dataset: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor] | None = None
+    # The pretraining set's labels [num_samples] in index order (-1 = unlabeled): the supervised baseline and
+    # distillation's label term read them by the batch's ``index``.
+    labels: torch.Tensor | None = None
+    # The per-channel mean and std the views were normalised with (generative models map views to [-1, 1]).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -76,3 +86,29 @@ class Method(nn.Module):
 
     def on_after_step(self, state: TrainState) -> None:
         """Called after every optimizer step (EMA/momentum update, queue push, normalise prototypes)."""
+
+    def named_optimizers(self) -> dict[str, tuple[Mapping, list[dict]]]:
+        """Optimizers beside the main one (which the ``optimizer`` group builds over ``param_groups()``, and
+        which is left out when those hold no parameter): name -> (an ``optimizer``-group config, its parameter
+        groups). Each has its own lr schedule and checkpoint state (a GAN's generator and discriminator,
+        distillation's hint regressor)."""
+        return {}
+
+    def training_step(self, views: list[torch.Tensor], index: torch.Tensor, step: StepFn,
+                      state: TrainState) -> dict[str, torch.Tensor]:
+        """Override to own the step (a GAN's discriminator step, then its generator step). The engine then calls
+        this instead of ``forward`` + backward + step, having zeroed every optimizer's gradients; the method
+        calls ``step(name, loss)`` once per update, which backpropagates ``loss``, runs ``on_after_backward``,
+        averages gradients across processes and steps optimizer ``name`` (``"main"`` for the main one). The
+        gradient monitor reads the first such backward of each training step. Returns what ``forward`` does."""
+        raise NotImplementedError
+
+    def figures(self) -> dict[str, torch.Tensor]:
+        """Image batches [N, C, H, W] in [0, 1] to show at the end of each epoch (reconstructions, samples):
+        the monitor writes each as a grid to TensorBoard and ``<run dir>/figures/<name>.png``."""
+        return {}
+
+    @classmethod
+    def owns_step(cls) -> bool:
+        """Whether the method overrides ``training_step``."""
+        return cls.training_step is not Method.training_step
