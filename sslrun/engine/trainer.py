@@ -144,7 +144,8 @@ class Pretrainer:
         opt_cfg = self.cfg.optimizer
         warmup_frac = min(1.0, opt_cfg.warmup_epochs / t.epochs)
         self.method.on_fit_start(FitInfo(len(self.splits.pretrain), self.steps_per_epoch, self.total_steps,
-                                         t.epochs, self._map_dataset))
+                                         t.epochs, self._map_dataset, labels=self.splits.pretrain.labels,
+                                         mean=self.splits.mean, std=self.splits.std))
         self._t0 = time.perf_counter()
         self._maybe_resume()
         start_step = self.state.step
