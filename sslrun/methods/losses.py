@@ -31,15 +31,19 @@ def in_fp32(loss_fn: LossFn) -> LossFn:
 
 
 @in_fp32
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+            negatives: torch.Tensor | None = None) -> torch.Tensor:
     """SimCLR's normalised-temperature cross entropy over 2N views (Chen et al., 2020, eq. 1).
 
-    Each view's positive is the other view of the same image; its negatives are the other 2N-2 views.
+    Each view's positive is the other view of the same image; its negatives are the other 2N-2 views, and
+    the rows of ``negatives`` [K, d] (l2-normalised; SimCLR v2's memory of past batches) when given.
     """
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
     logits = z @ z.T / temperature
     logits.fill_diagonal_(float("-inf"))  # a view is never its own negative
+    if negatives is not None:
+        logits = torch.cat([logits, z @ negatives.T / temperature], dim=1)
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(logits, targets)
 
