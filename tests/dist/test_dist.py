@@ -1,0 +1,93 @@
+"""sslrun.dist: the collectives in two gloo processes against the same computation in one process."""
+
+from __future__ import annotations
+
+import torch
+from dist.spawn import run_ranks
+from torch import nn
+
+from sslrun import dist
+
+N, B, C = 2, 8, 3  # processes, global batch, channels
+
+
+def full_batch(seed: int = 0) -> torch.Tensor:
+    return torch.randn(B, C, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def batchnorm_step(bn: nn.Module, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """A loss that couples the samples only through BN; returns the loss and the gradients."""
+    x = x.clone().requires_grad_(True)
+    loss = (bn(x) * w).square().sum() / B
+    loss.backward()
+    return loss.detach(), {"x": x.grad, "weight": bn.weight.grad, "bias": bn.bias.grad}
+
+
+def worker() -> dict:
+    r, n = dist.rank(), B // N
+    x = full_batch()
+    rows = slice(r * n, (r + 1) * n)
+    out: dict = {"rank": dist.rank(), "world": dist.world_size(), "main": dist.is_main()}
+    # gather_with_grad: loss_r = sum of the gathered rows weighted by rank-dependent weights.
+    local = x[rows].clone().requires_grad_(True)
+    g = dist.gather_with_grad(local)
+    weights = torch.arange(g.numel(), dtype=torch.float32).view_as(g) * (r + 1)
+    (g * weights).sum().backward()
+    out.update(gathered=g.detach(), gather_grad=local.grad)
+    out["all_gather"] = dist.all_gather(torch.tensor([r, 10 * r]))
+    out["sum"] = dist.all_reduce_sum(torch.tensor([float(r + 1)]))
+    out["mean"] = dist.all_reduce_mean(torch.tensor([float(r + 1)]))
+    out["max"] = dist.all_reduce_max(torch.tensor([float(r + 1)]))
+    out["broadcast"] = dist.broadcast(torch.tensor([float(r + 5)]), src=1)
+    dist.barrier()
+    # GlobalBatchNorm over the global batch: each rank holds its rows.
+    torch.manual_seed(0)
+    bn = dist.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(C)))[0]
+    out["bn_type"] = type(bn).__name__
+    w = torch.randn(B, C, 4, 4, generator=torch.Generator().manual_seed(1))
+    loss, grads = batchnorm_step(bn, x[rows], w[rows])
+    out.update(bn_loss=loss, bn_grads={k: v if k == "x" else dist.all_reduce_sum(v) for k, v in grads.items()},
+               bn_state={k: v.clone() for k, v in bn.state_dict().items()})
+    return out
+
+
+def test_collectives_and_global_batchnorm_in_two_processes():
+    res = run_ranks(__file__, "worker", world_size=N)
+    x, n = full_batch(), B // N
+    assert [o["rank"] for o in res] == [0, 1] and all(o["world"] == N for o in res)
+    assert [o["main"] for o in res] == [True, False]
+    for o in res:
+        assert torch.equal(o["gathered"], x)
+        assert torch.equal(o["all_gather"], torch.tensor([0, 0, 1, 10]))
+        assert o["sum"].item() == 3 and o["mean"].item() == 1.5 and o["max"].item() == 2
+        assert o["broadcast"].item() == 6  # rank 1's value
+    # d/d(rows of rank r) of sum_s loss_s: the weights summed over ranks (1 + 2 = 3 times the base weight).
+    base = torch.arange(x.numel(), dtype=torch.float32).view_as(x)
+    for r, o in enumerate(res):
+        assert torch.equal(o["gather_grad"], 3 * base[r * n:(r + 1) * n])
+    # Global BN equals BN over the whole batch in one process: loss, input and parameter gradients, running stats.
+    torch.manual_seed(0)
+    ref_bn = nn.BatchNorm2d(C)
+    w = torch.randn(B, C, 4, 4, generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = batchnorm_step(ref_bn, x, w)
+    assert all(o["bn_type"] == "GlobalBatchNorm" for o in res)
+    torch.testing.assert_close(sum(o["bn_loss"] for o in res), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([o["bn_grads"]["x"] for o in res]), ref_grads["x"], rtol=1e-4, atol=1e-6)
+    for key in ("weight", "bias"):
+        for o in res:
+            torch.testing.assert_close(o["bn_grads"][key], ref_grads[key], rtol=1e-4, atol=1e-6)
+    for o in res:
+        for k, v in ref_bn.state_dict().items():
+            torch.testing.assert_close(o["bn_state"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_one_process_is_the_identity():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert not dist.init_from_env(torch.device("cpu"))  # no RANK/WORLD_SIZE/SLURM: not distributed
+    assert dist.rank() == 0 and dist.world_size() == 1 and dist.is_main()
+    for fn in (dist.gather_with_grad, dist.all_gather, dist.all_reduce_sum, dist.all_reduce_mean, dist.all_reduce_max,
+               dist.broadcast):
+        assert fn(x) is x
+    bn = dist.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(2)))
+    ref = nn.BatchNorm1d(2)
+    torch.testing.assert_close(bn(x), ref(x))
