@@ -11,6 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
 
 MATCH_COLOUR, MISMATCH_COLOUR = "tab:green", "tab:red"  # retrieval: neighbour of the query's class or not
 
@@ -23,6 +24,19 @@ def save_figure(fig: Figure, run_dir: Path, name: str, writer: SummaryWriter | N
     if writer is not None:  # the PNG as drawn, so TensorBoard and the file show the same picture
         with Image.open(path) as im:
             writer.add_image(f"figures/{name}", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+    return path
+
+
+def save_image_grid(images: torch.Tensor, run_dir: Path, name: str, writer: SummaryWriter | None = None,
+                    step: int = 0, nrow: int = 8) -> Path:
+    """Images [N, C, H, W] in [0, 1] (a method's reconstructions or samples) as one grid, ``nrow`` per row, to
+    ``<run dir>/figures/<name>.png`` (the latest) and to TensorBoard as ``figures/<name>`` (one per step)."""
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+    path = run_dir / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()).save(path)
+    if writer is not None:
+        writer.add_image(f"figures/{name}", grid, step)
     return path
 
 
