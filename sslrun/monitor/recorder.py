@@ -35,6 +35,7 @@ from .figures import (
     embedding_map,
     retrieval_figure,
     save_figure,
+    save_image_grid,
 )
 from .grads import LayerGrads
 from .maps import pca_2d, tsne_2d
@@ -116,6 +117,16 @@ class TrainingMonitor:
         self.flush(z)
         if self.m.knn_every and state.epoch % self.m.knn_every == 0:
             self.knn(state, "monitor/knn_top1")
+        self.method_figures(state)
+
+    def method_figures(self, state: TrainState) -> None:
+        """The method's own image grids (``Method.figures()``: reconstructions, samples), per epoch."""
+        if not self.m.figures.enabled:
+            return
+        t0 = time.perf_counter()
+        for name, images in self.method.figures().items():
+            save_image_grid(images, self.run_dir, name, self.writer, state.step)
+        self._excluded += time.perf_counter() - t0
 
     def restart_clock(self) -> None:
         """Images/s counts training only: call after work that is not (checkpoints)."""
