@@ -14,15 +14,31 @@ import torch
 from .errors import SslrunError
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over ``path`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_atomic(path: Path, write) -> None:
+    """Write through ``write(file)`` to a temp file in the same directory, fsync, then rename over ``path``
+    (atomic on POSIX): a kill at any moment leaves the old file or the new one, never a torn one. On an
+    OS error (full disk, read-only or missing directory) the temp file is removed and the old file kept."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Atomically write a checkpoint (see ``_write_atomic``)."""
+    _write_atomic(path, lambda f: torch.save(state, f))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Atomically write a small text file (metrics.json, the run's config)."""
+    _write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,36 +1,86 @@
-"""The ``sslrun`` command: Hydra composes the config, ``run`` does the work."""
+"""The ``sslrun`` command: Hydra composes the config, ``run`` does the work.
+
+Every way a run can end badly ends here as one paragraph on stderr and a non-zero exit, never a traceback:
+exit 2 for input the user can fix (a config error Hydra or sslrun found, a dataset, a checkpoint, a full
+or read-only disk, out of memory), 128 + N after a stop signal N (the checkpoint is written first).
+"""
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
 from .errors import SslrunError
+from .rundir import RunDirectory
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+_task_started = False  # whether Hydra got as far as calling the task (else an exit 1 is a config error)
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+               errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def explain(e: BaseException) -> str | None:
+    """The one-paragraph explanation of a failure the user can fix, or None for a bug (which keeps its traceback)."""
+    if isinstance(e, SslrunError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+        where = f" writing {e.filename}" if e.filename else ""
+        return (f"Could not write the run's files: {DISK_ERRORS[e.errno]}{where}. Free some space or point the run at "
+                "a writable directory (hydra.run.dir=<dir>, or hydra.sweep.dir for -m); the last good checkpoint "
+                "and the files already written are intact, and rerunning the same command resumes.")
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+            isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        return ("Out of memory (" + (str(e).splitlines()[0][:200] if str(e) else type(e).__name__) + "). Lower "
+                "trainer.batch_size (and eval.batch_size for evaluation), use a smaller backbone or image size, or "
+                "dataset.storage=stream for data larger than memory; the last good checkpoint is intact.")
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
+    from .engine.signals import StopRequested
     from .run import run  # imported here so `sslrun --help` does not pay for torch
 
     hc = HydraConfig.get()
-    overridden = {o.split("=", 1)[0].split(".", 1)[0].lstrip("+~") for o in hc.overrides.task}
-    console = Console()
+    console = Console(record=True)
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        run(cfg, Path(hc.runtime.output_dir), overridden, console)
-    except SslrunError as e:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]sslrun error:[/] {e}", highlight=False)
+        with RunDirectory(run_dir, console):
+            run(cfg, run_dir, list(hc.overrides.task), console)
+    except StopRequested as e:
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading data, evaluating): nothing to save
+        Console(stderr=True).print("Interrupted (Ctrl-C). Checkpoints already written are intact; rerun the same "
+                                   "command to continue.", highlight=False)
+        sys.exit(130)
+    except BaseException as e:  # noqa: BLE001 - sorted into explained (exit 2) and re-raised below
+        message = explain(e)
+        if message is None:
+            raise
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]sslrun error:[/] {message}", highlight=False)
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the sweep goes on: Hydra marks this job failed, sslrun.report.sweep_callback records it
         sys.exit(2)
 
 
 def main() -> None:
-    _main()
+    try:
+        _main()
+    except SystemExit as e:
+        # Hydra exits 1 for the config errors it finds itself (an unknown option or key, a bad override);
+        # they are the user's input like every other config error, so they exit 2 too.
+        if e.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

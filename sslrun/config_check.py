@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 from numbers import Real
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,8 +32,28 @@ def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...], other_ok: bool 
         raise SslrunError(f"{key}={value!r} is not a valid choice; use one of: {', '.join(choices)}.")
 
 
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# Groups read key by key by the code (nothing instantiates them), so a key they do not define would be
+# silently ignored: Hydra's own hint for a misspelled key, `+trainer.epoch=3`, would train 100 epochs.
+# (An unknown key in an instantiated group fails when its class is built, naming the key.)
+PLAIN_GROUPS = ("trainer", "eval", "monitor")
+
+
+def _unknown_keys(node: DictConfig, known: DictConfig, prefix: str) -> None:
+    for key in node:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+            hint = f" Did you mean {prefix}.{close[0]}?" if close else ""
+            raise SslrunError(f"{prefix}.{key} is not a key of the {prefix.split('.')[0]} group, so it would be "
+                              f"ignored.{hint} The keys are listed by `sslrun --cfg job`.")
+        if isinstance(node[key], DictConfig) and isinstance(known[key], DictConfig):
+            _unknown_keys(node[key], known[key], f"{prefix}.{key}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Static checks of the composed config; data-dependent ones happen once the dataset is loaded."""
+    for group in PLAIN_GROUPS:
+        _unknown_keys(cfg[group], OmegaConf.load(CONF / group / "default.yaml"), group)
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.log_every", "trainer.checkpoint_every",
                 "eval.batch_size", "eval.knn.k", "eval.linear.epochs", "eval.linear.batch_size"):
         _number(cfg, key, integer=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,14 +16,17 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
+from .checkpoint import load_checkpoint, write_text_atomic
 from .config_check import check_against_data, check_config
 from .data.datasets import load_dataset
-from .checkpoint import load_checkpoint
 from .engine.device import cpu_has_bf16_units, resolve_device, resolve_precision
+from .engine.resume import check_resumable, finished_message
 from .engine.trainer import Pretrainer
 from .errors import SslrunError
 from .eval.evaluate import evaluate
 from .monitor.recorder import write_end_figures
+
+EVAL_ONLY_GROUPS = ("backbone", "dataset")  # what eval.only takes from the checkpoint unless given now
 
 
 def _build(node: DictConfig, what: str, **kwargs):
@@ -30,6 +34,8 @@ def _build(node: DictConfig, what: str, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
+        if isinstance(e.__cause__, SslrunError):  # the target itself named the cause and the fix
+            raise e.__cause__ from None
         raise SslrunError(f"Could not build the {what} from its config ({node.get('_target_')}): {e}. "
                           f"Check the {what} keys you overrode against conf/{what}/.") from e
 
@@ -40,35 +46,87 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _eval_only_config(cfg: DictConfig, overridden: set[str]) -> tuple[DictConfig, dict]:
-    """Evaluate a checkpoint with the backbone and dataset it was trained with, unless given on the command line."""
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys (or group names) that command-line overrides set: ``+dataset.limit_test=5`` -> ``dataset.limit_test``."""
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+
+
+def _eval_only_config(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, dict]:
+    """The checkpoint's backbone and dataset, with the command line's keys merged into them one by one.
+
+    ``dataset=mnist`` replaces the stored dataset; ``dataset.limit_test=100`` changes that one key of it.
+    """
     ck = load_checkpoint(cfg.eval.checkpoint)
     saved = OmegaConf.create(ck.get("config", {}))
+    keys = override_keys(overrides)
     cfg = cfg.copy()
-    for group in ("backbone", "dataset"):
-        if group not in overridden and group in saved:
-            OmegaConf.set_struct(cfg, False)
-            cfg[group] = saved[group]
+    OmegaConf.set_struct(cfg, False)
+    for group in EVAL_ONLY_GROUPS:
+        if group in keys or group not in saved:
+            continue  # a new choice of the whole group, or an old checkpoint without it
+        node = saved[group].copy()
+        for key in keys:
+            if key.startswith(group + "."):
+                OmegaConf.update(node, key[len(group) + 1:], OmegaConf.select(cfg, key), force_add=True)
+        cfg[group] = node
+    OmegaConf.set_struct(cfg, True)
     return cfg, ck
 
 
-def run(cfg: DictConfig, run_dir: Path, overridden: set[str] = frozenset(), console: Console | None = None) -> dict:
-    """Pretrain (unless ``eval.only``) and evaluate; return and write the metrics."""
+def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
+    """The checkpoint this run continues, checked against the config given now, or (None, None)."""
+    r = cfg.trainer.resume
+    if r == "never":
+        return None, None
+    path = run_dir / "checkpoints" / "last.pt" if r == "auto" else Path(r)
+    if r == "auto" and not path.is_file():
+        return None, None
+    ck = load_checkpoint(path)
+    check_resumable(ck, OmegaConf.to_container(cfg, resolve=True), path, bool(cfg.trainer.resume_force))
+    done = finished_message(ck, cfg.trainer, path)
+    if done:
+        raise SslrunError(done)
+    return ck, path
+
+
+def _warn_clamped(cfg: DictConfig, num_train: int, console: Console) -> None:
+    """Values the code would silently clamp: say so in one line each."""
+    if cfg.eval.knn.enabled and cfg.eval.knn.k > num_train:
+        console.print(f"[yellow]eval.knn.k={cfg.eval.knn.k} is larger than the kNN bank ({num_train} train "
+                      f"images): every train image votes (k={num_train}).[/yellow]")
+    if cfg.monitor.knn_k > min(cfg.monitor.knn_bank_size, num_train):
+        console.print(f"[yellow]monitor.knn_k={cfg.monitor.knn_k} is larger than the kNN monitor's bank "
+                      f"({min(cfg.monitor.knn_bank_size, num_train)} images): every bank image votes.[/yellow]")
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: Console | None = None) -> dict:
+    """Pretrain (unless ``eval.only``) and evaluate; return and write the metrics.
+
+    ``overrides`` are the command line's overrides (Hydra's ``overrides.task``); ``eval.only`` merges them
+    into the checkpoint's config. The config actually used is written to ``<run_dir>/.hydra/config.yaml``.
+    """
     console = console or Console()
     check_config(cfg)
     ck = None
     if cfg.eval.only:
-        cfg, ck = _eval_only_config(cfg, overridden)
+        cfg, ck = _eval_only_config(cfg, overrides)
+    resume, resume_path = (None, None) if cfg.eval.only else _resume_checkpoint(cfg, run_dir)
+    write_run_config(run_dir, cfg, overrides)
     torch.manual_seed(cfg.trainer.seed)
     device = resolve_device(cfg.trainer.device)
     autocast_dtype = resolve_precision(cfg.trainer.precision, device)
-    if device.type == "cpu" and autocast_dtype is None and not cfg.eval.only and cpu_has_bf16_units():
-        console.print("[dim]This CPU has bf16 matrix units (AMX): trainer.precision=bf16 trains 1.5-1.8x faster.[/dim]")
+    if device.type == "cpu" and not cfg.eval.only:
+        console.print("[dim]No GPU: training on the CPU." + (" This CPU has bf16 matrix units (AMX): "
+                      "trainer.precision=bf16 trains 1.5-1.8x faster." if autocast_dtype is None and
+                      cpu_has_bf16_units() else "") + "[/dim]")
     splits = load_dataset(cfg.dataset)
+    _warn_clamped(cfg, len(splits.train), console)
     backbone = _build(cfg.backbone, "backbone")
-    t0 = time.perf_counter()
-    metrics: dict = {"device": device_name(device)}
-    with SummaryWriter(str(run_dir)) as writer:
+    metrics: dict = {"device": device_name(device), "dataset": cfg.dataset.get("name", "?"),
+                     "num_classes": splits.num_classes}
+    # A resumed run's TensorBoard steps after its checkpoint were written by the killed process: purge them.
+    purge = resume["state"]["step"] + 1 if resume else None
+    with SummaryWriter(str(run_dir), purge_step=purge) as writer:
         if ck is not None:
             try:
                 backbone.load_state_dict(ck["backbone"])
@@ -76,12 +134,17 @@ def run(cfg: DictConfig, run_dir: Path, overridden: set[str] = frozenset(), cons
                 raise SslrunError(f"The checkpoint {cfg.eval.checkpoint} holds a different backbone than "
                                   f"backbone={cfg.backbone._target_} ({str(e).splitlines()[0]}). Pass the backbone "
                                   "it was trained with.") from e
-            metrics.update(epochs=ck["state"]["epoch"], checkpoint=str(cfg.eval.checkpoint))
+            metrics.update(epochs=ck["state"]["epoch"], steps=ck["state"]["step"], checkpoint=str(cfg.eval.checkpoint))
+            if cfg.trainer.channels_last:  # the memory format the training run evaluated in: the same numbers
+                backbone.to(memory_format=torch.channels_last)
         else:
             check_against_data(cfg, len(splits.pretrain))
             method = _build(cfg.method, "method", backbone=backbone)
             augment = _build(cfg.augmentation, "augmentation", mean=splits.mean, std=splits.std)
-            trainer = Pretrainer(method, augment, splits, cfg, device, autocast_dtype, run_dir, writer, console)
+            if resume is not None:
+                console.print(f"Resuming {resume_path}.")
+            trainer = Pretrainer(method, augment, splits, cfg, device, autocast_dtype, run_dir, writer, console,
+                                 resume)
             result = trainer.fit()
             metrics.update(epochs=round(result.epochs, 3), steps=result.steps, seconds=round(result.seconds, 1),
                            imgs_per_s=round(result.imgs_per_s, 1), stopped_by=result.stopped_by,
@@ -89,31 +152,46 @@ def run(cfg: DictConfig, run_dir: Path, overridden: set[str] = frozenset(), cons
             backbone = method.eval_backbone()
         backbone.to(device)
         console.print("Evaluating: extracting features, kNN, linear probe...")
-        results = evaluate(backbone, splits, cfg.eval, device, autocast_dtype)
+        t_eval = time.perf_counter()
+        results = evaluate(backbone, splits, cfg.eval, device, autocast_dtype, seed=cfg.trainer.seed)
         for key, value in results.items():
             writer.add_scalar(f"eval/{key}", value, metrics.get("steps", 0))
-        metrics["eval_seconds"] = round(time.perf_counter() - t0 - metrics.get("seconds", 0.0), 1)
+        metrics["eval_seconds"] = round(time.perf_counter() - t_eval, 1)
         if cfg.monitor.figures.enabled:
-            console.print("Drawing figures: embedding map, retrieval, attention (ViT)...")
+            names = "embedding map, retrieval" + (", attention" if hasattr(backbone, "last_attention") else "")
+            console.print(f"Drawing figures: {names}...")
             write_end_figures(backbone, splits, cfg, run_dir, writer, device, autocast_dtype, metrics.get("steps", 0))
     metrics.update({k: round(v, 4) for k, v in results.items()})
     if "expected" in cfg:  # an experiment's target: record whether this run reproduced it
         exp = cfg.expected
         metrics["expected"] = OmegaConf.to_container(exp)
         metrics["reproduced"] = bool(metrics.get(exp.metric, float("nan")) >= exp.value - exp.tol)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     console.print(results_table(metrics, run_dir))
     return metrics
+
+
+def write_run_config(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """``.hydra/config.yaml`` and ``overrides.yaml`` as used (after eval.only's merge), written by the run
+    itself once it holds the run directory's lock, so a refused second run never overwrites them."""
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text_atomic(out / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
 def results_table(metrics: dict, run_dir: Path) -> Table:
     table = Table(title=f"sslrun results — {run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    trivial_top5 = metrics.get("num_classes", 10) <= 5
     for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "epochs", "seconds", "imgs_per_s", "device"):
         if key in metrics:
             value = metrics[key]
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) and key.endswith(("1", "5")) else str(value))
+            text = f"{value:.4f}" if isinstance(value, float) and key.endswith(("1", "5")) else str(value)
+            if trivial_top5 and key.endswith("top5"):
+                text += f" (trivial: {metrics['num_classes']} classes)"
+            table.add_row(key, text)
     if metrics.get("spikes"):
         table.add_row("gradient spikes", str(len(metrics["spikes"])))
     return table

@@ -45,3 +45,12 @@ def engine_step(method, opt, views, state, index=None) -> dict:
     state.step += 1
     method.on_after_step(state)
     return out
+
+
+def compose(*overrides: str):
+    """The config ``sslrun <overrides>`` would run, composed in-process (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -18,11 +21,14 @@ from ..data.batches import TensorBatches
 from ..data.image_set import DatasetSplits
 from ..errors import SslrunError
 from ..methods.base import FitInfo, Method, TrainState
-from ..monitor.progress import training_progress
+from ..monitor.progress import stats_line, training_progress
 from ..monitor.recorder import TrainingMonitor
 from ..monitor.spikes import Spike
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from .optim import build_optimizer, lr_factor, set_lr
+from .signals import StopRequested, StopSignals
+
+PRINT_EVERY_S = 30  # without a terminal (logs, CI, a pipe): a progress line at least this often
 
 
 @dataclass
@@ -43,21 +49,44 @@ def _fits_on(device: torch.device, tensor: torch.Tensor, fraction: float = 0.5) 
     return tensor.numel() * tensor.element_size() < fraction * free
 
 
+def _rng_states(aug_gen: torch.Generator) -> dict:
+    """Every random stream a step can draw from: the views' generator and the global ones that methods use
+    (MoCo's key shuffle, head re-initialisation, k-means seeds). Without them a resume is not exact."""
+    states = {"augment": aug_gen.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(aug_gen: torch.Generator, states: dict) -> None:
+    aug_gen.set_state(states["augment"])
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class Pretrainer:
-    """Owns one pretraining run. ``cfg`` is the whole composed config (trainer, optimizer, monitor)."""
+    """Owns one pretraining run. ``cfg`` is the whole composed config (trainer, optimizer, monitor).
+
+    ``resume`` is a loaded checkpoint to continue (already checked against ``cfg`` by the caller); the run
+    then continues at its step, mid-epoch included, with every random stream where it was.
+    """
 
     def __init__(self, method: Method, augment: nn.Module, splits: DatasetSplits, cfg: DictConfig,
                  device: torch.device, autocast_dtype: torch.dtype | None, run_dir: Path,
-                 writer: SummaryWriter, console: Console) -> None:
+                 writer: SummaryWriter, console: Console, resume: dict | None = None) -> None:
         self.method, self.augment, self.splits, self.cfg = method, augment, splits, cfg
         self.device, self.autocast_dtype, self.run_dir = device, autocast_dtype, run_dir
-        self.writer, self.console = writer, console
+        self.writer, self.console, self.resume = writer, console, resume
         self.ckpt_path = run_dir / "checkpoints" / "last.pt"
         t = cfg.trainer
         # The dataset lives on the GPU when it fits: a batch is then one gather, no host work.
         images = splits.pretrain.images
         images = images.to(device) if _fits_on(device, images) else images
-        self.batches = TensorBatches(images, t.batch_size, device, torch.Generator().manual_seed(t.seed))
+        self.batches = TensorBatches(images, t.batch_size, device, t.seed)
         self.aug_gen = torch.Generator(device=device).manual_seed(t.seed + 1)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = t.epochs * self.steps_per_epoch
@@ -76,36 +105,23 @@ class Pretrainer:
         save_checkpoint({
             "method": self.method.state_dict(), "backbone": self.method.eval_backbone().state_dict(),
             "optimizer": self.optimizer.state_dict(), "state": asdict(self.state),
-            "seconds": self._elapsed(), "monitor": self.monitor.state_dict(),
-            "rng": {"batches": self.batches.generator.get_state(), "augment": self.aug_gen.get_state()},
+            "seconds": self._elapsed(), "monitor": self.monitor.state_dict(), "rng": _rng_states(self.aug_gen),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }, self.ckpt_path)
 
-    def _resume_path(self) -> Path | None:
-        r = self.cfg.trainer.resume
-        if r == "never":
-            return None
-        if r == "auto":
-            return self.ckpt_path if self.ckpt_path.is_file() else None
-        return Path(r)
-
-    def _maybe_resume(self) -> None:
-        path = self._resume_path()
-        if path is None:
-            return
-        ck = load_checkpoint(path)
+    def _load(self, ck: dict) -> None:
         try:
             self.method.load_state_dict(ck["method"])
             self.optimizer.load_state_dict(ck["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise SslrunError(f"The checkpoint {path} does not match this run's model or optimizer ({e}). Resume "
-                              "with the config it was written with, or set trainer.resume=never.") from e
+            raise SslrunError(f"The checkpoint {self.ckpt_path} does not match this run's model or optimizer "
+                              f"({str(e).splitlines()[0]}). Resume with the config it was written with, or set "
+                              "trainer.resume=never.") from e
         self.state = TrainState(**ck["state"])
         self._seconds_before = ck["seconds"]
         self.monitor.load_state_dict(ck["monitor"])
-        self.batches.generator.set_state(ck["rng"]["batches"])
-        self.aug_gen.set_state(ck["rng"]["augment"])
-        self.console.print(f"Resumed from {path} at epoch {self.state.epoch}, step {self.state.step}.")
+        _set_rng_states(self.aug_gen, ck["rng"])
+        self.console.print(f"Resumed at epoch {self.state.epoch}, step {self.state.step}.")
 
     # ---- monitors ----------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -139,68 +155,118 @@ class Pretrainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
 
+    def _step(self, images: torch.Tensor, index: torch.Tensor, warmup_frac: float) -> tuple[dict, float]:
+        """One optimizer step with the method's hooks in order; returns the method's outputs and the lr."""
+        st, opt_cfg = self.state, self.cfg.optimizer
+        st.progress = st.step / self.total_steps
+        if self.budget_s:
+            st.progress = max(st.progress, self._elapsed() / self.budget_s)
+        lr = set_lr(self.optimizer, lr_factor(min(1.0, st.progress), warmup_frac, opt_cfg.min_lr_factor,
+                                              opt_cfg.warmup_start_factor))
+        views = self.augment(images, self.aug_gen)
+        if st.step == 0:
+            self.monitor.preview(images, views)
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with self._autocast():
+            out = self.model(views, index)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.method.on_after_backward(st)
+        if self.monitor.after_backward():  # gradient magnitudes; False = skip this spike
+            self.optimizer.step()
+        st.step += 1
+        self.method.on_after_step(st)
+        return out, lr
+
+    def _print_line(self) -> None:
+        """A plain progress line, for output that is not a terminal (a bar redrawn in place prints nothing)."""
+        self._printed_at = time.perf_counter()
+        self.console.print(f"epoch {self.state.epoch}  step {self.state.step}/{self._expected_steps()}  "
+                           f"{stats_line(self.monitor.last)}  {self._elapsed():.0f} s")
+
+    def _estimate_line(self) -> None:
+        """On a CPU, the run's expected length once the first steps are measured, and a faster command."""
+        ips = self.monitor.last["ips"]
+        if self.device.type != "cpu" or self.budget_s or not ips or ips != ips:
+            return
+        hours = (self.total_steps - self.state.step) * self.cfg.trainer.batch_size / ips / 3600
+        if hours > 0.5:
+            self.console.print(
+                f"[yellow]No GPU: at {ips:.0f} img/s on this CPU the {self.cfg.trainer.epochs} epochs will take about "
+                f"{hours:.1f} h.[/yellow] For a first result in minutes try `sslrun experiment=fmnist_simclr` "
+                "(6 min), or cap this run with trainer.max_minutes=<N> (the schedules anneal to it).")
+
     def fit(self) -> TrainResult:
         t = self.cfg.trainer
-        opt_cfg = self.cfg.optimizer
-        warmup_frac = min(1.0, opt_cfg.warmup_epochs / t.epochs)
+        warmup_frac = min(1.0, self.cfg.optimizer.warmup_epochs / t.epochs)
         self.method.on_fit_start(FitInfo(len(self.splits.pretrain), self.steps_per_epoch, self.total_steps,
-                                         t.epochs, self._map_dataset, labels=self.splits.pretrain.labels,
-                                         mean=self.splits.mean, std=self.splits.std))
+                                         t.epochs, self._map_dataset))
         self._t0 = time.perf_counter()
-        self._maybe_resume()
-        start_step = self.state.step
+        if self.resume is not None:
+            self._load(self.resume)
         self.monitor.restart_clock()
         self.method.train()
-        with training_progress(self.console) as bar:
-            task = bar.add_task("pretrain", total=self.total_steps, completed=self.state.step, **self.monitor.last)
-            while self.state.epoch < t.epochs and self.result.stopped_by != "max_minutes":
-                self.method.on_epoch_start(self.state)
-                for p in self.method.params_to_reset():
-                    self.optimizer.state.pop(p, None)
-                for images, index in self.batches:
+        self._printed_at = None
+        stopped_by, out, first_session_step, estimated = None, None, self.state.step, False
+        with StopSignals() as signals, training_progress(self.console) as bar:
+            task = bar.add_task("pretrain", total=self.total_steps, completed=self.state.step,
+                                stats=stats_line(self.monitor.last))
+            while self.state.epoch < t.epochs and stopped_by is None:
+                start = self.state.step - self.state.epoch * self.steps_per_epoch  # > 0 when resumed mid-epoch
+                if start == 0:
+                    self.method.on_epoch_start(self.state)
+                    for p in self.method.params_to_reset():
+                        self.optimizer.state.pop(p, None)
+                for images, index in self.batches.epoch(self.state.epoch, start):
+                    out, lr = self._step(images, index, warmup_frac)
                     st = self.state
-                    st.progress = st.step / self.total_steps
-                    if self.budget_s:
-                        st.progress = max(st.progress, self._elapsed() / self.budget_s)
-                    lr = set_lr(self.optimizer, lr_factor(min(1.0, st.progress), warmup_frac,
-                                                          opt_cfg.min_lr_factor, opt_cfg.warmup_start_factor))
-                    views = self.augment(images, self.aug_gen)
-                    if st.step == 0:
-                        self.monitor.preview(images, views)
-                    if self.channels_last:
-                        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                    with self._autocast():
-                        out = self.model(views, index)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    out["loss"].backward()
-                    self.method.on_after_backward(st)
-                    if self.monitor.after_backward():  # gradient magnitudes; False = skip this spike
-                        self.optimizer.step()
-                    st.step += 1
-                    self.method.on_after_step(st)
                     terms = {k: v for k, v in out.items() if k not in ("loss", "z") and v.ndim == 0}
                     if self.monitor.after_step(st, out["loss"], out["z"].detach(), lr, terms):
-                        bar.update(task, completed=st.step, total=self._expected_steps(), **self.monitor.last)
+                        bar.update(task, completed=st.step, total=self._expected_steps(),
+                                   stats=stats_line(self.monitor.last))
+                        if not estimated and st.step - first_session_step >= min(t.log_every, 20):
+                            estimated = True
+                            self._estimate_line()
+                        if not self.console.is_terminal and (self._printed_at is None or
+                                                             time.perf_counter() - self._printed_at > PRINT_EVERY_S):
+                            self._print_line()
+                    if signals.received is not None:
+                        stopped_by = "signal"
+                        break
                     if self.budget_s and self._elapsed() >= self.budget_s:
-                        self.result.stopped_by = "max_minutes"
+                        stopped_by = "max_minutes"
                         break
                 else:
                     self.state.epoch += 1
-                    self.monitor.end_epoch(self.state, out["z"].detach())
-                    if self.state.epoch % t.checkpoint_every == 0:
+                    self.monitor.end_epoch(self.state, None if out is None else out["z"].detach())
+                    if self.state.epoch % t.checkpoint_every == 0 and self.state.epoch < t.epochs:
                         self._checkpoint()
                     self.monitor.restart_clock()  # images/s counts training, not checkpoints
-                self.monitor.flush(out["z"].detach())
-                bar.update(task, completed=self.state.step, total=self._expected_steps(), **self.monitor.last)
-                if not self.console.is_terminal:  # logs and CI: a bar redrawn in place prints nothing useful
-                    last = self.monitor.last
-                    self.console.print(f"epoch {self.state.epoch}  step {self.state.step}  loss {last['loss']:.4f}  "
-                                       f"lr {last['lr']:.3g}  {last['ips']:.0f} img/s  {self._elapsed():.0f} s")
-        self._checkpoint()
+                if out is not None:
+                    self.monitor.flush(out["z"].detach())
+                bar.update(task, completed=self.state.step, total=self._expected_steps(),
+                           stats=stats_line(self.monitor.last))
+                if not self.console.is_terminal:
+                    self._print_line()
+            self._checkpoint()
+            if stopped_by == "signal":
+                self._stop_on_signal(signals)
         r = self.result
+        r.stopped_by = stopped_by or "epochs"
         r.spikes, r.knn_monitor = self.monitor.spikes, self.monitor.knn_records
         r.steps = self.state.step
         r.seconds = self._elapsed()
         r.epochs = self.state.step / self.steps_per_epoch
-        r.imgs_per_s = (self.state.step - start_step) * t.batch_size / max(1e-9, time.perf_counter() - self._t0)
+        r.imgs_per_s = r.steps * t.batch_size / max(1e-9, r.seconds)  # over every session of a resumed run
         return r
+
+    def _stop_on_signal(self, signals: StopSignals) -> None:
+        signum = signals.received
+        name = signal.Signals(signum).name
+        msg = (f"Stopped by {name} at epoch {self.state.epoch}, step {self.state.step}; checkpoint written to "
+               f"{self.ckpt_path}. Rerun the same command (with hydra.run.dir={self.run_dir}) to continue.")
+        self.console.print(msg)
+        self.writer.flush()
+        signals.chain(signum)  # e.g. submitit's handler requeues the preempted job, which resumes from here
+        raise StopRequested(signum, msg)

@@ -22,8 +22,12 @@ def knn_accuracy(backbone: nn.Module, bank: ImageSet, queries: ImageSet, splits:
 
 
 def evaluate(backbone: nn.Module, splits: DatasetSplits, cfg: DictConfig, device: torch.device,
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """kNN and linear-probe top-1/top-5 on the test split, from features extracted once."""
+             autocast_dtype: torch.dtype | None = None, seed: int = 0) -> dict[str, float]:
+    """kNN and linear-probe top-1/top-5 on the test split, from features extracted once.
+
+    ``seed`` fixes the linear probe (its init and shuffles), so a training run's evaluation and an
+    ``eval.only`` run of its checkpoint give the same numbers.
+    """
     train_f, test_f = (extract_features(backbone, s.images, splits.mean, splits.std, device, cfg.batch_size,
                                         autocast_dtype) for s in (splits.train, splits.test))
     results: dict[str, float] = {}
@@ -34,7 +38,7 @@ def evaluate(backbone: nn.Module, splits: DatasetSplits, cfg: DictConfig, device
         results.update(knn_top1=acc[1], knn_top5=acc[5])
     if cfg.linear.enabled:
         clf = train_linear(train_f, splits.train.labels, splits.num_classes, cfg.linear.epochs, cfg.linear.lr,
-                           cfg.linear.batch_size, cfg.linear.weight_decay)
+                           cfg.linear.batch_size, cfg.linear.weight_decay, seed)
         with torch.no_grad():
             acc = topk_accuracy(clf(test_f), splits.test.labels)
         results.update(linear_top1=acc[1], linear_top5=acc[5])

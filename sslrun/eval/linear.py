@@ -19,7 +19,9 @@ def train_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, num_clas
     device = train_feats.device
     g = torch.Generator(device="cpu").manual_seed(seed)
     mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
-    clf = nn.Linear(train_feats.shape[1], num_classes).to(device)
+    with torch.random.fork_rng(devices=[]):  # the init depends on the seed alone, not on what ran before
+        torch.manual_seed(seed)
+        clf = nn.Linear(train_feats.shape[1], num_classes).to(device)
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     x_all, y_all = (train_feats - mean) / std, train_labels.to(device)
     n = x_all.shape[0]

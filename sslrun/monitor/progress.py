@@ -16,7 +16,14 @@ from rich.progress import (
 def training_progress(console: Console | None = None) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.3g}  {task.fields[ips]:.0f} img/s"),
+        TextColumn("{task.fields[stats]}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=console,
     )
+
+
+def stats_line(last: dict) -> str:
+    """The bar's loss / lr / throughput text; before the first step's numbers exist, just "first step"."""
+    if last["loss"] != last["loss"]:  # NaN: nothing measured yet
+        return "first step..."
+    return f"loss {last['loss']:.4f}  lr {last['lr']:.3g}  {last['ips']:.0f} img/s"

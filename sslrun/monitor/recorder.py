@@ -84,6 +84,7 @@ class TrainingMonitor:
         self._row: torch.Tensor | None = None
         self._next_rank = 0
         self._last_knn: dict | None = None
+        self._flushed = False  # the first step is flushed at once, so the progress bar shows a loss from the start
         self.restart_clock()
 
     # ---- per step, on the device ----------------------------------------------------------
@@ -106,7 +107,7 @@ class TrainingMonitor:
         the step kNN monitor when due. Returns whether it logged."""
         terms = {k: v.detach().float() for k, v in (terms or {}).items()}
         self._pending.append((state.step, torch.cat([loss.detach().float().reshape(1), self._row]), lr, terms))
-        logged = state.step % self.log_every == 0
+        logged = state.step % self.log_every == 0 or not self._flushed
         if logged:
             self.flush(z)
         if self.m.knn_every_steps and state.step % self.m.knn_every_steps == 0:
@@ -138,6 +139,7 @@ class TrainingMonitor:
         """Move the buffered per-step rows to the host (one sync), check them, write them out."""
         if not self._pending:
             return
+        self._flushed = True
         steps = [p[0] for p in self._pending]
         lrs = [p[2] for p in self._pending]
         rows = torch.stack([p[1] for p in self._pending]).cpu()

@@ -15,8 +15,8 @@ def brute_force_knn(train, labels, test, num_classes, k, t):
         sims.sort(key=lambda s: -s[0])
         votes = [0.0] * num_classes
         for s, y in sims[:k]:
-            votes[y] += math.exp(s / t)
-        out.append(votes)
+            votes[y] += math.exp((s - sims[0][0]) / t)  # exp(s/T) up to one factor per query: the same ranking
+        out.append([v if v > 0 else -math.inf for v in votes])  # a class nobody voted for
     return torch.tensor(out)
 
 
@@ -38,3 +38,22 @@ def test_topk_accuracy():
     acc = topk_accuracy(scores, labels, ks=(1, 2))
     assert acc[1] == pytest.approx(1 / 3)
     assert acc[2] == pytest.approx(1.0)
+
+
+def test_top5_never_credits_a_class_without_votes():
+    # Issue 8's toy: a bank of two points labelled 7 and 8, ten queries near the first, one per label 0..9.
+    # With k=1 each query has one vote (class 7): only the query labelled 7 is right, at top-1 and at top-5.
+    bank, bank_labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([7, 8])
+    queries, labels = torch.tensor([[1.0, 0.1]]).repeat(10, 1), torch.arange(10)
+    scores = knn_predict(bank, bank_labels, queries, 10, k=1, temperature=0.1)
+    acc = topk_accuracy(scores, labels)
+    assert acc[1] == pytest.approx(0.1) and acc[5] == pytest.approx(0.1)
+    # With k=2 both classes have votes: top-5 holds 7 and 8 and nothing else.
+    acc = topk_accuracy(knn_predict(bank, bank_labels, queries, 10, k=2, temperature=0.1), labels)
+    assert acc[5] == pytest.approx(0.2)
+
+
+def test_small_temperature_does_not_overflow():
+    bank, bank_labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    scores = knn_predict(bank, bank_labels, torch.tensor([[1.0, 0.05]]), 2, k=2, temperature=0.001)
+    assert torch.isfinite(scores).all() and scores.argmax().item() == 0

@@ -1,0 +1,64 @@
+"""Stopped mid-epoch by a signal and started again, every method ends exactly where an uninterrupted run
+ends: the checkpoint holds every piece of state a step reads (weights, optimizer, queues and banks, the
+views' generator and the global random streams that key shuffles and re-initialisations draw from)."""
+
+import os
+import signal
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+from runner import FAST, ROOT, compose
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sslrun.engine.signals import StopRequested
+from sslrun.monitor.recorder import TrainingMonitor
+from sslrun.run import run
+
+METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+STOP_AT = 6  # of 2 epochs x 4 steps: mid-epoch, after the epoch-1 checkpoint
+
+
+def tiny(method: str) -> list[str]:
+    has_proj = "proj_hidden_dim" in OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml").get("method", {})
+    fast = [o for o in FAST if has_proj or not o.startswith("method.proj_hidden_dim")]
+    return [*fast, f"method={method}", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16",
+            "trainer.epochs=2", "trainer.checkpoint_every=1", "eval.knn.enabled=false",
+            "eval.linear.enabled=false", "monitor.figures.enabled=false", "monitor.knn_every=0"]
+
+
+def final_state(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["method"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_signal_then_resume_equals_uninterrupted(method, tmp_path, monkeypatch):
+    cfg = compose(*tiny(method))
+    quiet = Console(quiet=True)
+    run(cfg, tmp_path / "straight", console=quiet)
+
+    after_step = TrainingMonitor.after_step
+
+    def stop_once(self, state, *args, **kwargs):
+        if state.step == STOP_AT and not getattr(stop_once, "sent", False):
+            stop_once.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return after_step(self, state, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingMonitor, "after_step", stop_once)
+    with pytest.raises(StopRequested):
+        run(cfg, tmp_path / "stopped", console=quiet)
+    stopped = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=False)
+    assert stopped["state"]["step"] == STOP_AT
+    run(cfg, tmp_path / "stopped", console=quiet)
+
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "stopped")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{method}: resumed state differs in {different[:5]}"
+    # TensorBoard: the resumed run's steps follow on, none written twice.
+    acc = EventAccumulator(str(tmp_path / "stopped"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(1, 9))
