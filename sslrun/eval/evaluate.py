@@ -22,8 +22,11 @@ def knn_accuracy(backbone: nn.Module, bank: ImageSet, queries: ImageSet, splits:
 
 
 def evaluate(backbone: nn.Module, splits: DatasetSplits, cfg: DictConfig, device: torch.device,
-             autocast_dtype: torch.dtype | None = None, seed: int = 0) -> dict[str, float]:
-    """kNN and linear-probe top-1/top-5 on the test split, from features extracted once.
+             autocast_dtype: torch.dtype | None = None, seed: int = 0,
+             classifier: nn.Module | None = None) -> dict[str, float]:
+    """kNN and linear-probe top-1/top-5 on the test split, from features extracted once, and with a method's own
+    ``classifier`` (supervised, distillation: a head on the backbone's features) its top-1/top-5 as
+    ``classifier_top1/5``.
 
     ``seed`` fixes the linear probe (its init and shuffles), so a training run's evaluation and an
     ``eval.only`` run of its checkpoint give the same numbers.
@@ -42,4 +45,11 @@ def evaluate(backbone: nn.Module, splits: DatasetSplits, cfg: DictConfig, device
         with torch.no_grad():
             acc = topk_accuracy(clf(test_f), splits.test.labels)
         results.update(linear_top1=acc[1], linear_top5=acc[5])
+    if classifier is not None:
+        was = classifier.training
+        with torch.no_grad():
+            acc = topk_accuracy(classifier.eval()(test_f.to(next(classifier.parameters()).device)).float(),
+                                splits.test.labels)
+        classifier.train(was)
+        results.update(classifier_top1=acc[1], classifier_top5=acc[5])
     return results
