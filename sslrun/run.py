@@ -127,6 +127,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
     # A resumed run's TensorBoard steps after its checkpoint were written by the killed process: purge them.
     purge = resume["state"]["step"] + 1 if resume else None
     with SummaryWriter(str(run_dir), purge_step=purge) as writer:
+        classifier = None  # a method's own head on its features (supervised, distillation): classifier_top1
         if ck is not None:
             try:
                 backbone.load_state_dict(ck["backbone"])
@@ -149,11 +150,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
             metrics.update(epochs=round(result.epochs, 3), steps=result.steps, seconds=round(result.seconds, 1),
                            imgs_per_s=round(result.imgs_per_s, 1), stopped_by=result.stopped_by,
                            spikes=[vars(s) for s in result.spikes], knn_monitor=result.knn_monitor)
-            backbone = method.eval_backbone()
+            backbone, classifier = method.eval_backbone(), getattr(method, "classifier", None)
         backbone.to(device)
         console.print("Evaluating: extracting features, kNN, linear probe...")
         t_eval = time.perf_counter()
-        results = evaluate(backbone, splits, cfg.eval, device, autocast_dtype, seed=cfg.trainer.seed)
+        results = evaluate(backbone, splits, cfg.eval, device, autocast_dtype, seed=cfg.trainer.seed,
+                           classifier=classifier)
         for key, value in results.items():
             writer.add_scalar(f"eval/{key}", value, metrics.get("steps", 0))
         metrics["eval_seconds"] = round(time.perf_counter() - t_eval, 1)
@@ -185,7 +187,8 @@ def results_table(metrics: dict, run_dir: Path) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     trivial_top5 = metrics.get("num_classes", 10) <= 5
-    for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "epochs", "seconds", "imgs_per_s", "device"):
+    for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "classifier_top1", "epochs", "seconds",
+                "imgs_per_s", "device"):
         if key in metrics:
             value = metrics[key]
             text = f"{value:.4f}" if isinstance(value, float) and key.endswith(("1", "5")) else str(value)
