@@ -30,6 +30,9 @@ class Autoencoder(Method):
     reference (summarised in ``shared/reference/generative_baselines.md``), with the configured backbone as encoder.
     """
 
+    num_large_crops = 1      # only the first view is used (checked by Method.check_setup)
+    unused_views_ok = True
+
     def __init__(self, backbone: nn.Module, channels: int, image_size: int, decoder_width: int,
                  shown_images: int) -> None:
         super().__init__()

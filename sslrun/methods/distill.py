@@ -121,11 +121,15 @@ class Distill(Method):
         optimizers: named optimizer groups; ``regressor`` trains the hint regressor (used when ``hint_weight > 0``).
 
     ``forward`` returns ``loss`` (the weighted sum), each active term by name (``soft``, ``label``, ``cosine``,
-    ``hint``, ``embed``; logged as ``train/<name>``) and ``z`` = the student's features of the first view.
+    ``hint``, ``embed``; logged as ``train/<name>``) and ``z`` = the student's features.
     Errors: an ``SslrunError`` when no loss is on, when the soft-target loss has a teacher without a classifier,
     when the hint loss has a backbone without ``feature_map``, and when the teacher's classes differ from the
-    student's. Source: the PyTorch knowledge-distillation tutorial (CIFAR-10), Hinton et al. 2015, FitNets, SEED.
+    student's. Only the first view is used. Source: the PyTorch knowledge-distillation tutorial (CIFAR-10), Hinton
+    et al. 2015, FitNets, SEED.
     """
+
+    num_large_crops = 1      # only the first view is used (checked by Method.check_setup)
+    unused_views_ok = True
 
     def __init__(self, backbone: nn.Module, teacher: str, num_classes: int, hidden_dim: int, dropout: float,
                  temperature: float, soft_weight: float, label_weight: float, cosine_weight: float,
@@ -200,7 +204,7 @@ class Distill(Method):
         return out
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-        n, x = views[0].shape[0], torch.cat(views)
+        x = views[0]
         teacher = self._teach(x)
         if self.regressor is not None:
             s_map = self.backbone.feature_map(x)
@@ -210,7 +214,7 @@ class Distill(Method):
         terms: dict[str, torch.Tensor] = {}
         logits = self.classifier(feats).float() if self.classifier is not None else None
         if self.weights["label"] > 0:
-            y = self.targets(index).repeat(len(views))
+            y = self.targets(index)
             terms["label"] = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp_min(1)
         if self.weights["soft"] > 0:
             terms["soft"] = soft_target_loss(logits, teacher["logits"], self.temperature)
@@ -227,6 +231,6 @@ class Distill(Method):
                 terms["embed"] = (2 - 2 * (s * t).sum(1)).mean()
             else:
                 terms["embed"] = seed_loss(s, t, self.queue.data.clone(), *self.embed_temps)  # a copy: push() writes in place
-                self.queue.push(t[:n])  # after use: the current batch is its own positive, not a negative
+                self.queue.push(t)  # after use: the current batch is its own positive, not a negative
         loss = sum(self.weights[k] * v for k, v in terms.items())
-        return {"loss": loss, "z": feats[:n], **{k: v.detach() for k, v in terms.items()}}
+        return {"loss": loss, "z": feats, **{k: v.detach() for k, v in terms.items()}}

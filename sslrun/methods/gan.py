@@ -55,6 +55,9 @@ class GAN(Method):
     ``shared/reference/generative_baselines.md`` (discriminator step, then generator step, per batch).
     """
 
+    num_large_crops = 1      # only the first view is used (checked by Method.check_setup)
+    unused_views_ok = True
+
     def __init__(self, backbone: nn.Module, channels: int, image_size: int, loss: str, noise_dim: int,
                  generator_width: int, optimizers: Mapping, shown_images: int) -> None:
         super().__init__()

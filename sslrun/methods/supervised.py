@@ -45,7 +45,7 @@ class LabelsByIndex(nn.Module):
 
 
 class Supervised(Method):
-    """Cross-entropy on the labels of the pretraining set, over every view of the batch.
+    """Cross-entropy on the labels of the pretraining set, on the first view of the batch.
 
     Args:
         backbone: any sslrun backbone (``feat_dim`` wide features).
@@ -53,10 +53,13 @@ class Supervised(Method):
         hidden_dim: 0 for a linear classifier, else the hidden width of a two-layer head.
         dropout: dropout before the head's last layer (with ``hidden_dim > 0``).
 
-    ``forward`` returns ``loss`` (mean cross-entropy in nats, unlabeled samples with label -1 ignored),
-    ``z`` = backbone features [B, feat_dim] of the first view, and ``accuracy`` (top-1 on the batch, logged as
+    ``forward`` returns ``loss`` (mean cross-entropy in nats over the first view, unlabeled samples with label -1
+    ignored; further views are ignored), ``z`` = backbone features [B, feat_dim], and ``accuracy`` (top-1 on the batch, logged as
     ``train/accuracy``). ``logits(x)`` gives the classifier's output [B, num_classes], which distillation reads.
     """
+
+    num_large_crops = 1      # only the first view is used (checked by Method.check_setup)
+    unused_views_ok = True
 
     def __init__(self, backbone: nn.Module, num_classes: int, hidden_dim: int, dropout: float) -> None:
         super().__init__()
@@ -72,13 +75,12 @@ class Supervised(Method):
         return self.classifier(self.backbone(x))
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = views[0].shape[0]
-        feats = self.backbone(torch.cat(views))
+        feats = self.backbone(views[0])
         logits = self.classifier(feats).float()
-        y = self.targets(index).repeat(len(views))
+        y = self.targets(index)
         # Sum over the labelled samples divided by their count (at least 1): a batch of only unlabeled
         # samples (STL-10) gives 0, not mean cross-entropy's 0/0, and no host sync is needed to tell.
         labelled = (y >= 0).sum().clamp_min(1)
         loss = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum") / labelled
         acc = (logits.argmax(1) == y).sum() / labelled  # a prediction is never -1
-        return {"loss": loss, "z": feats[:n], "accuracy": acc}
+        return {"loss": loss, "z": feats, "accuracy": acc}

@@ -48,6 +48,9 @@ class VAE(Method):
     Source: the VAE of ``shared/reference/generative_baselines.md`` (summed MSE + KL, divided by the batch).
     """
 
+    num_large_crops = 1      # only the first view is used (checked by Method.check_setup)
+    unused_views_ok = True
+
     def __init__(self, backbone: nn.Module, channels: int, image_size: int, latent_dim: int, beta: float,
                  decoder_width: int, shown_images: int) -> None:
         super().__init__()
