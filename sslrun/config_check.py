@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import SslrunError
+from .report.expected import check_expected
 
 
 def _number(cfg: DictConfig, key: str, integer: bool = False, positive: bool = True,
@@ -69,6 +70,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.eval.only and not cfg.eval.checkpoint:
         raise SslrunError("eval.only=true needs a checkpoint to evaluate: add "
                           "eval.checkpoint=<run dir>/checkpoints/last.pt.")
+    check_expected(cfg)
 
 
 def check_against_data(cfg: DictConfig, num_pretrain: int) -> None:

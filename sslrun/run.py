@@ -25,6 +25,7 @@ from .engine.trainer import Pretrainer
 from .errors import SslrunError
 from .eval.evaluate import evaluate
 from .monitor.recorder import write_end_figures
+from .report.expected import judge
 
 EVAL_ONLY_GROUPS = ("backbone", "dataset")  # what eval.only takes from the checkpoint unless given now
 
@@ -165,9 +166,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
             write_end_figures(backbone, splits, cfg, run_dir, writer, device, autocast_dtype, metrics.get("steps", 0))
     metrics.update({k: round(v, 4) for k, v in results.items()})
     if "expected" in cfg:  # an experiment's target: record whether this run reproduced it
-        exp = cfg.expected
-        metrics["expected"] = OmegaConf.to_container(exp)
-        metrics["reproduced"] = bool(metrics.get(exp.metric, float("nan")) >= exp.value - exp.tol)
+        metrics["expected"] = OmegaConf.to_container(cfg.expected)
+        metrics["reproduced"] = judge(metrics["expected"], metrics)["reproduced"]  # a band, or a floor
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     console.print(results_table(metrics, run_dir))
     return metrics

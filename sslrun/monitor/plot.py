@@ -3,27 +3,27 @@
     sslrun-plot outputs/multirun/2026-01-01/12-00-00 -o simsiam.png --panels loss,std,knn
     sslrun-plot RUN_A RUN_B -o spikes.png --panels grad,knn
 
-Arguments are run directories or directories holding runs (a Hydra multirun). Curves come from the
-TensorBoard event files (tensorboard's EventAccumulator); spike events from each run's metrics.json, or
-from its ``grad/spike_events`` text when the run did not finish. The panels are stacked over one step
-axis, so a spike lines up with what follows it. A run is labelled by the overrides that set it apart.
+Arguments are run directories or directories holding runs (a Hydra multirun). Runs are found, read and
+labelled by sslrun.report (as ``sslrun-report`` tabulates them): curves from the TensorBoard event files,
+spike events from each run's metrics.json, or from its ``grad/spike_events`` text when the run did not
+finish; a run is labelled by the overrides that set it apart. The panels are stacked over one step axis,
+so a spike lines up with what follows it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
+from rich.console import Console
 
-EVENTS = "events.out.tfevents.*"
-SPIKE_TEXT = re.compile(r"step (\d+): (\S+) inf-norm ([-+0-9.eE]+|inf|nan)")
+from ..errors import SslrunError
+from ..report.events import read_events
+from ..report.runs import find_runs, labels
 
 
 @dataclass
@@ -58,62 +58,10 @@ class Run:
     spikes: list[dict]
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories (those with event files) at or under ``paths``, in order, each once."""
-    runs: list[Path] = []
-    for p in paths:
-        if not p.is_dir():
-            raise SystemExit(f"sslrun-plot: {p} is not a directory; pass run directories or a multirun directory.")
-        found = [p] if any(p.glob(EVENTS)) else sorted({f.parent for f in p.rglob(EVENTS)})
-        if not found:
-            raise SystemExit(f"sslrun-plot: no TensorBoard event files ({EVENTS}) in or under {p}.")
-        runs += [r for r in found if r not in runs]
-    return runs
-
-
-def _overrides(run: Path) -> list[str]:
-    f = run / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(f)] if f.is_file() else []
-
-
-def labels(runs: list[Path]) -> list[str]:
-    """Each run's overrides that not every run shares; the directory name when none differ."""
-    overrides = [_overrides(r) for r in runs]
-    common = set.intersection(*map(set, overrides)) if overrides else set()
-    return [", ".join(o for o in ovr if o not in common) or r.name for r, ovr in zip(runs, overrides)]
-
-
-def _spikes(run: Path, acc) -> list[dict]:
-    metrics = run / "metrics.json"
-    if metrics.is_file():
-        return json.loads(metrics.read_text()).get("spikes", [])
-    tag = next((t for t in acc.Tags().get("tensors", []) if t.startswith("grad/spike_events")), None)
-    if tag is None:  # torch's add_text stores the text under <tag>/text_summary
-        return []
-    from tensorboard.util import tensor_util
-
-    out = []
-    for event in acc.Tensors(tag):
-        for text in np.atleast_1d(tensor_util.make_ndarray(event.tensor_proto)).ravel():
-            for step, layer, value in SPIKE_TEXT.findall(text.decode() if isinstance(text, bytes) else str(text)):
-                out.append({"step": int(step), "layer": layer, "value": float(value)})
-    return out
-
-
 def load_run(path: Path, label: str) -> Run:
-    from tensorboard.backend.event_processing.event_accumulator import (
-        SCALARS,
-        TENSORS,
-        EventAccumulator,
-    )
-
-    acc = EventAccumulator(str(path), size_guidance={SCALARS: 0, TENSORS: 0})  # 0 = keep every point
-    acc.Reload()
-    scalars = {}
-    for tag in acc.Tags()["scalars"]:
-        events = acc.Scalars(tag)
-        scalars[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=float))
-    return Run(path, label, scalars, _spikes(path, acc))
+    """The run's curves and spike events, read by sslrun.report."""
+    scalars, spikes = read_events(path)
+    return Run(path, label, scalars, spikes)
 
 
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
@@ -223,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in names if p not in panels(args.grad_tag)]
     if unknown or not names:
         ap.error(f"--panels {args.panels!r}: unknown {unknown}; use some of {', '.join(panels('').keys())}")
-    found = find_runs(args.dirs)
+    try:
+        found = find_runs(args.dirs, require_events=True)
+    except SslrunError as e:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]sslrun-plot error:[/] {e}", highlight=False)
+        return 2
     given = args.labels.split(",") if args.labels else labels(found)
     if len(given) != len(found):
         ap.error(f"--labels has {len(given)} labels for {len(found)} runs: {', '.join(map(str, found))}")
