@@ -92,6 +92,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed={pos_embed!r} is not a valid choice; use one of: sincos, learned")
+        self.patch_size = patch_size  # crop sizes must be multiples (Method.check_setup)
         self.grid = image_size // patch_size
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import dist
+from .requirements import check_batch, check_views
+
 
 # ``step(name, loss)``: backpropagate ``loss`` and step optimizer ``name`` (see ``Method.training_step``).
 StepFn = Callable[[str, torch.Tensor], None]
@@ -60,8 +63,37 @@ class Method(nn.Module):
 
     backbone: nn.Module
 
+    # What the method needs of the run, checked by ``check_setup`` before training. A subclass sets those
+    # that differ; a new method must state them (the defaults are a two-view method such as SimCLR's).
+    min_batch_size: int = 2           # global batch
+    min_batch_reason: str = "batch norm needs two or more images per batch"
+    num_large_crops: int = 2          # views it uses at full size, the first ones the augmentation makes
+    equal_large_crops: bool = True    # its loss pairs the large crops (or one pass takes them): one size
+    small_crops: bool = False         # it uses any further (multi-crop) views, each no larger than the large ones
+    unused_views_ok: bool = False     # further views are allowed and ignored (one-view methods)
+
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def check_setup(self, view_sizes: list[int], global_batch: int) -> None:
+        """Refuse, before training, a batch or views this method cannot learn from correctly.
+
+        Args:
+            view_sizes: the output crop size (px) of every view, in the order the augmentation makes them.
+            global_batch: images per step over all processes (``trainer.batch_size``).
+
+        Raises:
+            SslrunError: naming the method, the key to change (``trainer.batch_size``,
+                ``augmentation.views.N.count`` / ``.size``, ``backbone.patch_size``), its value and the fix.
+        """
+        name = type(self).__name__
+        check_batch(self, name, global_batch)
+        check_views(self, name, view_sizes)
+
+    def convert_sync_batchnorm(self) -> None:
+        """Normalise every batch-norm layer over the global batch (``trainer.sync_batchnorm``), in place."""
+        for child_name, child in self.named_children():
+            setattr(self, child_name, dist.convert_sync_batchnorm(child))
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups; a group with ``fixed_lr: True`` is kept at the base lr."""

@@ -62,6 +62,12 @@ class OnlineTarget(Method):
 
 
 class BYOL(OnlineTarget):
+    """BYOL: the online prediction of each view regresses the EMA target's projection of the other (eq. 2).
+
+    The loss is per image, so under ``torch.distributed`` only batch norm couples the batch (see
+    ``trainer.sync_batchnorm``). Source: Grill et al., NeurIPS 2020.
+    """
+
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_output_dim: int = 256,
                  pred_hidden_dim: int = 4096, base_momentum: float = 0.99, final_momentum: float = 1.0) -> None:
         # Projector and predictor are both Linear-BN-ReLU-Linear, as in the paper.

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from .base import FitInfo, Method, TrainState
 from .kmeans import MapDataset, encode_dataset, kmeans
 
@@ -47,6 +48,16 @@ def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 class DeepCluster(Method):
+    """DeepCluster: a classifier learns k-means pseudo-labels of the backbone's features, re-clustered per epoch.
+
+    Uses one view per image (the first; further views are ignored). Under ``torch.distributed`` the whole
+    set is clustered once, on rank 0, and the labels and the re-initialised classifier are broadcast, so
+    every process trains the same model. Source: Caron et al., ECCV 2018; facebookresearch/deepcluster.
+    """
+
+    num_large_crops = 1
+    unused_views_ok = True  # the default augmentations make two views; the second is unused
+
     def __init__(self, backbone: nn.Module, num_clusters: int = 100, pca_dim: int | None = 256,
                  recluster_every: int = 1, balance_classes: bool = True, head_init_std: float = 0.01,
                  kmeans_iters: int = 20, kmeans_max_points_per_centroid: int | None = None) -> None:
@@ -74,6 +85,8 @@ class DeepCluster(Method):
         with torch.no_grad():
             nn.init.normal_(self.classifier.weight, 0.0, self.head_init_std)
             nn.init.zeros_(self.classifier.bias)
+        # Each process drew its own init: DDP synchronises gradients, not weights, so take rank 0's.
+        dist.broadcast(self.classifier.weight.data)
 
     def cluster_features(self, feats: torch.Tensor) -> torch.Tensor:
         """The paper's preprocessing: PCA-whitening to ``pca_dim`` (none when null), then l2-normalisation."""

@@ -2,7 +2,9 @@
 
 The student (all crops) matches the centred, sharpened output of an EMA teacher (the two global crops).
 Follows the official main_dino.py: the DINO head, centring with momentum, the teacher-temperature warm-up,
-the last layer frozen during the first epoch(s) and per-parameter gradient clipping.
+the last layer frozen during the first epoch(s) and per-parameter gradient clipping. Under
+``torch.distributed`` the centre moves by the teacher's mean over the global batch (all-reduced, as the
+official ``update_center``); every other term of the loss is per image.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from .. import dist
 from .base import FitInfo, Method, TrainState
 from .momentum import cosine_momentum, ema_update, momentum_copy
-from .multicrop import NUM_LARGE_CROPS, check_views, encode_by_resolution
+from .multicrop import NUM_LARGE_CROPS, encode_by_resolution
 
 TRUNC_NORMAL_STD = 0.02  # the official head's init (trunc_normal_, std .02, zero biases)
 CLIP_EPS = 1e-6          # the official clip_gradients: coef = clip / (norm + 1e-6)
@@ -100,6 +103,14 @@ def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> None:
 
 
 class DINO(Method):
+    """DINO: a student (all crops) matches the centred, sharpened output of an EMA teacher (the two large crops).
+
+    Views: the first two (large crops, one size) go through the teacher; any further small crops only
+    through the student. Source: Caron et al., ICCV 2021; facebookresearch/dino main_dino.py.
+    """
+
+    small_crops = True
+
     def __init__(self, backbone: nn.Module, out_dim: int = 4096, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  head_layers: int = 3, use_bn_in_head: bool = False, norm_last_layer: bool = True,
                  student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
@@ -130,12 +141,12 @@ class DINO(Method):
                                    self.warmup_teacher_temp_epochs)
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_views(views, "DINO")
         n = views[0].shape[0]
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(torch.cat(views[:NUM_LARGE_CROPS])))
         student = self.head(encode_by_resolution(self.backbone, views))
-        self._batch_mean = teacher.mean(0, keepdim=True)  # this loss uses the old centre; it moves in on_after_step
+        # This loss uses the old centre; it moves in on_after_step by the global batch's mean.
+        self._batch_mean = dist.all_reduce_mean(teacher.mean(0, keepdim=True))
         loss = dino_loss(student.view(len(views), n, -1), teacher.view(NUM_LARGE_CROPS, n, -1), self.center,
                          self.student_temp, self.current_teacher_temp())
         return {"loss": loss, "z": student[:n]}

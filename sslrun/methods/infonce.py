@@ -1,4 +1,4 @@
-"""InfoNCE (van den Oord et al., 2018) as the MoCo family uses it, and the cross-process gather it needs.
+"""InfoNCE (van den Oord et al., 2018) as the MoCo family uses it.
 
 MoCo v1/v2 contrast a query with its positive key and a queue of negatives; MoCo v3 (and PCL's
 instance term) contrast it with the other keys of the batch. Every function here takes L2-normalised
@@ -8,25 +8,18 @@ vectors: normalising the 65536 queued keys again at every step would be wasted w
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import dist
 from .losses import in_fp32
+
+# Kept for the methods that still import them from here (InvaSpread, SimCLR v2); new code calls sslrun.dist.
+concat_all_gather = dist.all_gather
 
 
 def distributed() -> bool:
-    """Whether this process is one of several under ``torch.distributed`` (e.g. torchrun)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """``x`` of every process concatenated in rank order (no gradient); ``x`` itself on one process."""
-    if not distributed():
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
+    """Whether this process is one of several (``sslrun.dist.world_size() > 1``)."""
+    return dist.world_size() > 1
 
 
 @in_fp32
@@ -51,8 +44,8 @@ def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, temperature: float) -> t
     Under ``torch.distributed`` the keys of all processes are the candidates, as in MoCo v3's code,
     so the negatives come from the global batch.
     """
-    keys = concat_all_gather(k)
-    offset = dist.get_rank() * q.shape[0] if distributed() else 0
+    keys = dist.all_gather(k)  # keys carry no gradient (MoCo v3's come from the momentum encoder)
+    offset = dist.rank() * q.shape[0]
     logits = q @ keys.T / temperature
     targets = torch.arange(q.shape[0], device=q.device) + offset
     return F.cross_entropy(logits, targets)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SslrunError
+from .. import dist
 from .base import FitInfo, Method, TrainState
 from .losses import in_fp32
 from .membank import MemoryBank
@@ -32,6 +33,16 @@ def nce_loss(p_pos: torch.Tensor, p_neg: torch.Tensor, num_samples: int) -> torc
 
 
 class InstDisc(Method):
+    """InstDisc: each image is its own class, scored by NCE (or softmax) against a memory bank of features.
+
+    Uses one view per image (the first; further views are ignored). Under ``torch.distributed`` every process
+    writes the whole global batch into its bank, so the banks stay identical, and the NCE normaliser is
+    estimated over the global first batch. Source: Wu et al., CVPR 2018; zhirongw/lemniscate.pytorch.
+    """
+
+    num_large_crops = 1
+    unused_views_ok = True  # the default augmentation makes two views; the second is unused
+
     def __init__(self, backbone: nn.Module, proj_output_dim: int = 128, temperature: float = 0.07,
                  nce_k: int | None = 4096, bank_momentum: float = 0.5, loss: str = "nce") -> None:
         super().__init__()
@@ -61,7 +72,7 @@ class InstDisc(Method):
         # One augmented view per image, as in the paper.
         f = self.embed(views[0])
         loss = self._loss(f, index)
-        self._pending = (index, f.detach())
+        self._pending = (dist.all_gather(index), dist.all_gather(f.detach()))
         return {"loss": loss, "z": f}
 
     @in_fp32
@@ -87,7 +98,7 @@ class InstDisc(Method):
         """Z ~ n * E_j[exp(v_j . f / T)], a Monte-Carlo estimate from the first batch, then fixed (the paper)."""
         if not self._z_checked:
             if self.nce_z.item() <= 0:  # not resumed from a checkpoint that has it
-                self.nce_z.copy_(torch.exp(logits.detach()).mean() * len(self.bank))
+                self.nce_z.copy_(dist.all_reduce_mean(torch.exp(logits.detach()).mean()) * len(self.bank))
             self._z_checked = True
         return self.nce_z
 

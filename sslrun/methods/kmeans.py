@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from ..errors import SslrunError
 
 # FitInfo.map_dataset: runs a function over the un-augmented pretraining images in index order.
@@ -42,11 +43,25 @@ def kmeans(features: torch.Tensor, k: int, niter: int = 20, seed: int = 0, spher
     ``max_points_per_centroid=None`` trains on every point; otherwise faiss trains on a random subset of
     ``k * max_points_per_centroid`` points and every point is assigned afterwards. ``fix_empty`` applies
     :func:`fix_empty_clusters` to the final assignment (DeepCluster).
+
+    Under ``torch.distributed`` (every process passing the same ``features``), rank 0 clusters and broadcasts
+    its result: faiss's multi-threaded k-means need not give bit-identical centroids on every process.
     """
     n, d = features.shape
     if n < k:
         raise SslrunError(f"k-means into {k} clusters needs at least {k} images, but the pretraining set has {n}; "
                           "lower the method's number of clusters or use a larger dataset.")
+    if dist.is_main():
+        result = _kmeans(features, k, niter, seed, spherical, gpu, nredo, max_points_per_centroid, fix_empty)
+    else:
+        feats = features.detach().float()
+        result = (feats.new_empty(k, d), torch.empty(n, dtype=torch.long, device=features.device), feats.new_empty(n))
+    return tuple(dist.broadcast(t) for t in result)
+
+
+def _kmeans(features: torch.Tensor, k: int, niter: int, seed: int, spherical: bool, gpu: bool | str, nredo: int,
+            max_points_per_centroid: int | None, fix_empty: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = features.shape
     x = features.detach().float().cpu().contiguous().numpy()
     # min_points_per_centroid=1: faiss only uses it to print advice to stderr when there are few points.
     km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, verbose=False,

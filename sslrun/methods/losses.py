@@ -9,6 +9,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from .. import dist
+
 LossFn = TypeVar("LossFn", bound=Callable[..., torch.Tensor])
 
 
@@ -33,18 +35,30 @@ def in_fp32(loss_fn: LossFn) -> LossFn:
 @in_fp32
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
             negatives: torch.Tensor | None = None) -> torch.Tensor:
-    """SimCLR's normalised-temperature cross entropy over 2N views (Chen et al., 2020, eq. 1).
+    """SimCLR's normalised-temperature cross entropy over 2N views (Chen et al., 2020, eq. 1), averaged over them.
 
     Each view's positive is the other view of the same image; its negatives are the other 2N-2 views, and
-    the rows of ``negatives`` [K, d] (l2-normalised; SimCLR v2's memory of past batches) when given.
+    the rows of ``negatives`` [K, d] (l2-normalised; SimCLR v2's memory of past batches) when given. Under
+    ``torch.distributed`` the N images are the global batch: each process scores its own 2n views against
+    the views of every process, gathered with their gradient (``sslrun.dist.gather_with_grad``), so the mean
+    of the processes' losses, and with DDP the gradients, are those of one process holding the whole batch.
+
+    Args:
+        z1, z2: [n, d] embeddings of this process's two views (any scale: normalised here).
+        temperature: tau, the softmax temperature.
+        negatives: [K, d] extra l2-normalised negatives shared by every view, or None.
     """
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    n = z1.shape[0]
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))  # a view is never its own negative
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # [2n, d]: this process's views
+    n, world = z1.shape[0], dist.world_size()
+    # [2N, d]: all first views in rank order, then all second views, as one process would hold them.
+    keys = dist.gather_with_grad(z).view(world, 2, n, -1).transpose(0, 1).reshape(2 * n * world, -1)
+    logits = z @ keys.T / temperature
+    rows = torch.arange(n, device=z.device) + dist.rank() * n  # this process's images in the global batch
+    own = torch.cat([rows, rows + n * world])
+    logits = logits.masked_fill(own[:, None] == torch.arange(keys.shape[0], device=z.device), float("-inf"))
     if negatives is not None:
         logits = torch.cat([logits, z @ negatives.T / temperature], dim=1)
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    targets = torch.cat([rows + n * world, rows])  # the other view of the same image
     return F.cross_entropy(logits, targets)
 
 

@@ -14,15 +14,15 @@ CIFAR demo does) and the key batch is shuffled before the key encoder and unshuf
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import dist
 from ..errors import SslrunError
 from .base import Method, TrainState
 from .heads import mlp
-from .infonce import concat_all_gather, distributed, info_nce
+from .infonce import info_nce
 from .momentum import ema_update, momentum_copy
 from .queue import FeatureQueue
 
@@ -84,6 +84,16 @@ def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
 
 
 class MoCo(Method):
+    """MoCo v1/v2: InfoNCE of a query (view 0) against its key (view 1, momentum encoder) and a queue of past keys.
+
+    Under ``torch.distributed`` the keys of the global batch enter the queue (every process queues the same
+    rows, so the queues stay identical) and the key batch is shuffled across processes (Shuffle-BN); each
+    query is scored on its own process, so the mean of the processes' losses is the one-process loss.
+    Source: He et al., CVPR 2020, Algorithm 1; Chen et al., 2020 (v2); facebookresearch/moco.
+    """
+
+    min_batch_reason = "its batch norm statistics need two or more images"
+
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_layers: int = 2,
                  proj_hidden_dim: int | None = 2048, proj_output_dim: int = 128, queue_size: int = 4096,
                  momentum: float = 0.99, bn_splits: int = 8, symmetric: bool = False) -> None:
@@ -105,7 +115,30 @@ class MoCo(Method):
         self.temperature = temperature
         self.momentum = momentum
         self.symmetric = symmetric
+        self.equal_large_crops = symmetric  # a symmetric step encodes both views in one pass
+        self.bn_splits = bn_splits
         self._new_keys: torch.Tensor | None = None  # this step's keys, queued after the optimizer step
+
+    def check_setup(self, view_sizes: list[int], global_batch: int) -> None:
+        super().check_setup(view_sizes, global_batch)
+        keys_per_step = global_batch * self.views_per_pass
+        if keys_per_step > self.queue.data.shape[0]:
+            raise SslrunError(f"{type(self).__name__} queues the {keys_per_step} keys of each step "
+                              f"(trainer.batch_size={global_batch}), more than method.queue_size="
+                              f"{self.queue.data.shape[0]} holds; set method.queue_size to at least {keys_per_step}.")
+        per_process, s = global_batch // dist.world_size(), self.bn_splits
+        if s > 1 and (per_process % s or per_process // s < 2):
+            raise SslrunError(f"{type(self).__name__}'s split batch norm divides each process's batch of {per_process} "
+                              f"(trainer.batch_size={global_batch} over {dist.world_size()} process(es)) into "
+                              f"method.bn_splits={s} groups of 2 or more images; set trainer.batch_size to a multiple "
+                              f"of {2 * s * dist.world_size()}, or lower method.bn_splits (1 under DDP, where each "
+                              "process is a group).")
+
+    def convert_sync_batchnorm(self) -> None:
+        raise SslrunError(f"{type(self).__name__} relies on Shuffle-BN: queries and keys must be normalised over "
+                          "different images, or the model finds its positive key by the batch statistics (MoCo, sec. "
+                          "3.3); batch norm synchronised over all processes would share them. Set "
+                          "trainer.sync_batchnorm=false (each process is then its own BN group, as in the paper).")
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projector(self.backbone(x)), dim=1)
@@ -117,15 +150,14 @@ class MoCo(Method):
     def _shuffled_keys(self, x: torch.Tensor) -> torch.Tensor:
         """Keys of ``x``, computed in a random order (so BN groups differ from the queries') and
         returned in the order of ``x``."""
-        if not distributed():
+        if dist.world_size() == 1:
             perm = torch.randperm(x.shape[0], device=x.device)
             return self._key(x[perm])[torch.argsort(perm)]
         # The paper's Shuffle-BN: each process encodes a random slice of the global key batch.
-        n, rank = x.shape[0], dist.get_rank()
-        x_all = concat_all_gather(x)
-        perm = torch.randperm(x_all.shape[0], device=x.device)
-        dist.broadcast(perm, src=0)
-        keys_all = concat_all_gather(self._key(x_all[perm.view(-1, n)[rank]]))
+        n, rank = x.shape[0], dist.rank()
+        x_all = dist.all_gather(x)
+        perm = dist.broadcast(torch.randperm(x_all.shape[0], device=x.device))
+        keys_all = dist.all_gather(self._key(x_all[perm.view(-1, n)[rank]]))
         return keys_all[torch.argsort(perm).view(-1, n)[rank]]
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -140,11 +172,7 @@ class MoCo(Method):
         else:
             q, k = self._query(views[0]), self._shuffled_keys(views[1])
             loss = info_nce(q, k, negatives, t)
-        keys = concat_all_gather(k)
-        if keys.shape[0] > negatives.shape[0]:
-            raise SslrunError(f"MoCo queues {keys.shape[0]} keys per step but method.queue_size="
-                              f"{negatives.shape[0]}; set method.queue_size to at least {keys.shape[0]}.")
-        self._new_keys = keys
+        self._new_keys = dist.all_gather(k)  # the global batch's keys, queued identically by every process
         return {"loss": loss, "z": q[:n]}
 
     def on_after_step(self, state: TrainState) -> None:

@@ -22,6 +22,14 @@ def mocov3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.T
 
 
 class MoCoV3(OnlineTarget):
+    """MoCo v3: symmetric in-batch InfoNCE between online predictions and momentum-encoder keys.
+
+    Under ``torch.distributed`` the keys of the global batch are the candidates (gathered; they carry no
+    gradient), as in the official code. Source: Chen, Xie & He, ICCV 2021; facebookresearch/moco-v3.
+    """
+
+    min_batch_reason = "each query's negatives are the other images' keys in the batch"
+
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_layers: int = 3,
                  proj_hidden_dim: int = 4096, proj_output_dim: int = 256, pred_layers: int = 2,
                  pred_hidden_dim: int = 4096, base_momentum: float = 0.99, final_momentum: float = 1.0) -> None:

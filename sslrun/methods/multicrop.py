@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import SslrunError
-
 # The engine's views come large crops first; SwAV assigns codes and DINO's teacher looks at the first two.
 NUM_LARGE_CROPS = 2
 
@@ -24,9 +22,3 @@ def encode_by_resolution(backbone: nn.Module, views: list[torch.Tensor]) -> torc
             start = end
     return torch.cat(feats)
 
-
-def check_views(views: list[torch.Tensor], method: str) -> None:
-    """Multi-crop methods need the two large crops; say so rather than fail inside a reshape."""
-    if len(views) < NUM_LARGE_CROPS:
-        raise SslrunError(f"{method} needs at least {NUM_LARGE_CROPS} views (large crops first) but the augmentation "
-                          f"gives {len(views)}; use an augmentation config with two or more views.")

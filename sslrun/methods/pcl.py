@@ -72,7 +72,12 @@ def proto_nce(q: torch.Tensor, prototypes: torch.Tensor, phi: torch.Tensor, labe
 
 
 class PCL(MoCo):
-    """MoCo (``moco`` are its keyword arguments: temperature, queue_size, momentum, ...) plus ProtoNCE."""
+    """MoCo (``moco`` are its keyword arguments: temperature, queue_size, momentum, ...) plus ProtoNCE.
+
+    Under ``torch.distributed`` every process embeds the whole set (``FitInfo.map_dataset``), rank 0 runs
+    k-means and broadcasts it (:func:`~sslrun.methods.kmeans.kmeans`), and ProtoNCE is per image.
+    Source: Li et al., ICLR 2021; salesforce/PCL.
+    """
 
     def __init__(self, backbone: nn.Module, num_clusters: Sequence[int] = (250, 500, 1000), warmup_epochs: int = 20,
                  pcl_r: int = 16384, concentration_alpha: float = 10.0,

@@ -11,6 +11,14 @@ from .losses import nt_xent
 
 
 class SimCLR(Method):
+    """SimCLR: NT-Xent between the projections of two views of each image, the other images as negatives.
+
+    Source: Chen et al., ICML 2020, eq. (1); under ``torch.distributed`` the negatives come from the global
+    batch (see :func:`~sslrun.methods.losses.nt_xent`).
+    """
+
+    min_batch_reason = "each view's negatives are the other images of the batch: at batch 1 the loss is exactly 0"
+
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_hidden_dim: int = 2048,
                  proj_output_dim: int = 128, proj_layers: int = 2) -> None:
         super().__init__()

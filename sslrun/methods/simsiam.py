@@ -11,6 +11,12 @@ from .losses import negative_cosine
 
 
 class SimSiam(Method):
+    """SimSiam: a predictor on one branch, stop-gradient on the other, negative cosine between the two views.
+
+    The loss is per image, so under ``torch.distributed`` only batch norm couples the batch (see
+    ``trainer.sync_batchnorm``). Source: Chen & He, CVPR 2021, Algorithm 1.
+    """
+
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_output_dim: int = 2048,
                  pred_hidden_dim: int = 512, proj_layers: int = 3, fixed_predictor_lr: bool = True,
                  stop_gradient: bool = True) -> None:

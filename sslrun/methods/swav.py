@@ -3,6 +3,11 @@
 Follows the official main_swav.py: l2-normalised embeddings scored against l2-normalised prototypes,
 codes from :func:`~sslrun.methods.sinkhorn.sinkhorn` (no gradient), a queue of past large-crop embeddings
 prepended to the Sinkhorn input once it is full, prototypes frozen for the first iterations, multi-crop.
+
+Under ``torch.distributed`` Sinkhorn's sums run over the global batch, and the queue holds the global
+batch's embeddings in the order one process would (identical on every process, so a checkpoint from
+rank 0 holds it all); each process prepends its own slice of the queue, so that queue and batch enter
+the plan once each.
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from .base import Method, TrainState
 from .heads import mlp
 from .losses import in_fp32
-from .multicrop import NUM_LARGE_CROPS, check_views, encode_by_resolution
+from .multicrop import NUM_LARGE_CROPS, encode_by_resolution
 from .queue import FeatureQueue
 from .sinkhorn import sinkhorn
 
@@ -36,6 +42,15 @@ def swapped_prediction_loss(scores: torch.Tensor, codes: torch.Tensor, temperatu
 
 
 class SwAV(Method):
+    """SwAV: swapped prediction of Sinkhorn codes over ``num_prototypes`` prototypes, with multi-crop.
+
+    Views: the first two (large crops, one size) are coded; any further small crops only predict.
+    Source: Caron et al., NeurIPS 2020; facebookresearch/swav main_swav.py.
+    """
+
+    small_crops = True
+    min_batch_reason = "Sinkhorn spreads the batch over the prototypes, and batch norm needs two images"
+
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_output_dim: int = 128,
                  num_prototypes: int = 3000, temperature: float = 0.1, sinkhorn_epsilon: float = 0.05,
                  sinkhorn_iters: int = 3, queue_length: int = 3840, queue_start_epoch: int = 50,
@@ -85,19 +100,26 @@ class SwAV(Method):
         codes = []
         for i, s in enumerate(large_scores):
             if use_queue:
-                s = torch.cat([self._scores(self.queues[i].data), s])
+                s = torch.cat([self._scores(self._queue_slice(self.queues[i].data)), s])
             codes.append(sinkhorn(s, self.sinkhorn_epsilon, self.sinkhorn_iters)[-n:])
         return torch.stack(codes)
 
+    @staticmethod
+    def _queue_slice(data: torch.Tensor) -> torch.Tensor:
+        """This process's share of the (global) queue: rows [r L / N, (r + 1) L / N)."""
+        size, r, world = data.shape[0], dist.rank(), dist.world_size()
+        return data[r * size // world:(r + 1) * size // world]
+
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_views(views, "SwAV")
         n = views[0].shape[0]
         # The projector (its BN included) sees all crops at once, as in the official code.
         z = F.normalize(self.projector(encode_by_resolution(self.backbone, views)).float(), dim=1)
         scores = self._scores(z).view(len(views), n, -1)  # [V, B, K]
         codes = self._codes(scores[:NUM_LARGE_CROPS])
         if self._queue_on():
-            self._to_push = z[: NUM_LARGE_CROPS * n].detach().view(NUM_LARGE_CROPS, n, -1)
+            # [A, global B, d]: the large crops of every process, in rank order.
+            large = z[: NUM_LARGE_CROPS * n].detach().view(NUM_LARGE_CROPS, n, -1)
+            self._to_push = dist.all_gather(large.transpose(0, 1).contiguous()).transpose(0, 1)
         loss = swapped_prediction_loss(scores, codes, self.temperature)
         return {"loss": loss, "z": z[:n], "codes": codes}
 

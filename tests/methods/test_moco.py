@@ -183,7 +183,8 @@ def test_key_encoder_gets_no_gradient_and_follows_the_ema():
 def test_queue_smaller_than_the_keys_of_a_step_is_an_error():
     method = MoCo(tiny_backbone(), queue_size=4, bn_splits=1, proj_hidden_dim=16)
     with pytest.raises(SslrunError, match="queue_size"):
-        method(views(8), torch.arange(8))
+        method.check_setup([16, 16], 8)
+    method.check_setup([16, 16], 4)
 
 
 @pytest.mark.parametrize("name,temperature,head", [("mocov1", 0.07, 1), ("mocov2", 0.2, 3)])
