@@ -1,11 +1,18 @@
-"""Batches of uint8 images drawn from an in-memory tensor, with their dataset indices."""
+"""Shuffled batches of uint8 images with their dataset indices: from an in-memory tensor (``TensorBatches``)
+or decoded from files (``stream.StreamBatches``), with one interface and one order; ``make_batches`` picks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from sslrun.data.image_set import ImageSet
+
+if TYPE_CHECKING:
+    from sslrun.data.stream import StreamBatches
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -13,6 +20,25 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     communicating, and a run resumed mid-epoch redraws it exactly (as DistributedSampler does)."""
     mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(mixed))
+
+
+def rank_batches(perm: torch.Tensor, batch_size: int, rank: int, world_size: int,
+                 start: int = 0) -> Iterator[torch.Tensor]:
+    """Rank ``rank``'s share of each global batch of ``perm``, from batch ``start`` on: rows
+    ``[rank*b, (rank+1)*b)`` of global batch i, ``b = batch_size // world_size``; the last partial batch is
+    dropped. The ranks' shares are disjoint and together are the batch one process would draw."""
+    local = batch_size // world_size
+    for i in range(start, len(perm) // batch_size):
+        lo = i * batch_size + rank * local
+        yield perm[lo:lo + local]
+
+
+def fits_on(device: torch.device, tensor: torch.Tensor, fraction: float = 0.5) -> bool:
+    """Whether ``tensor`` takes less than ``fraction`` of ``device``'s free memory (always, off CUDA)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return tensor.numel() * tensor.element_size() < fraction * free
 
 
 class TensorBatches:
@@ -43,12 +69,28 @@ class TensorBatches:
         on_device = self.images.device == self.device
         if on_device:
             perm = perm.to(self.device)
-        for i in range(start, len(self)):
-            lo = i * self.batch_size + self.rank * self.local_batch
-            idx = perm[lo:lo + self.local_batch]
+        for idx in rank_batches(perm, self.batch_size, self.rank, self.world_size, start):
             batch = self.images[idx]
             if not on_device:
                 pin = self.device.type == "cuda"
                 batch = (batch.pin_memory() if pin else batch).to(self.device, non_blocking=pin)
                 idx = idx.to(self.device)
             yield batch, idx
+
+
+def make_batches(split: ImageSet, dataset_cfg: Mapping[str, Any], batch_size: int, device: torch.device,
+                 seed: int, rank: int = 0, world_size: int = 1) -> TensorBatches | StreamBatches:
+    """The batches of ``split`` for training: ``StreamBatches`` when the split is streamed from files
+    (``dataset.storage=stream``: its images are ``ImageFiles``), with ``dataset.num_workers`` decoding
+    processes and ``dataset.prefetch`` batches ahead each; otherwise ``TensorBatches``, with the tensor moved
+    to ``device`` first when it takes under half the free GPU memory (a batch is then one gather).
+
+    Returns an object with ``__len__`` (steps per epoch) and ``epoch(epoch, start=0)``, see ``TensorBatches``.
+    """
+    from sslrun.data.stream import ImageFiles, StreamBatches  # stream.py imports this module
+
+    if isinstance(split.images, ImageFiles):
+        return StreamBatches(split.images, batch_size, device, seed, rank, world_size,
+                             num_workers=dataset_cfg["num_workers"], prefetch=dataset_cfg["prefetch"])
+    images = split.images.to(device) if fits_on(device, split.images) else split.images
+    return TensorBatches(images, batch_size, device, seed, rank, world_size)

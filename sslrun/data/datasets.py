@@ -23,16 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torchvision.datasets.utils import download_and_extract_archive, download_url
 
-from sslrun.data.formats import (
-    IDX_STEMS,
-    idx_file,
-    read_cifar10,
-    read_cifar100,
-    read_image_folder,
-    read_mnist_folder,
-    read_stl10,
-)
+from sslrun.data.folders import list_image_folder, read_image_folder
+from sslrun.data.formats import IDX_STEMS, idx_file, read_cifar10, read_cifar100, read_mnist_folder, read_stl10
 from sslrun.data.image_set import DatasetSplits, ImageSet
+from sslrun.data.stream import ImageFiles
 from sslrun.errors import SslrunError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -174,17 +168,19 @@ def _idx_folder(title: str, folders: list[Path], download: bool, files: _IdxDown
     return folders[-1]
 
 
-def _channel_stats(images: torch.Tensor, max_images: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] units, on an evenly strided subset (cheap, deterministic)."""
-    sample = images[:: max(1, len(images) // max_images)]
-    channels = sample.shape[1]
+def _channel_stats(images: torch.Tensor | ImageFiles,
+                   max_images: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units, on an evenly strided subset (cheap, deterministic).
+    Read 256 images at a time, so a streamed set decodes only those."""
+    index = torch.arange(0, len(images), max(1, len(images) // max_images))
+    channels = images.shape[1]
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
-    for chunk in sample.split(256):  # chunks keep memory small for big images; float64 sums keep precision
-        pixels = chunk.transpose(0, 1).reshape(channels, -1).float().div_(255)
+    for chunk in index.split(256):  # float64 sums keep precision
+        pixels = images[chunk].transpose(0, 1).reshape(channels, -1).float().div_(255)
         total += pixels.sum(1, dtype=torch.float64)
         squares += pixels.square().sum(1, dtype=torch.float64)
-    count = sample.numel() // channels
+    count = len(index) * images.shape[2] * images.shape[3]
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(0).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
@@ -253,6 +249,21 @@ def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple
     return (~mask).nonzero().flatten(), mask.nonzero().flatten()
 
 
+STORAGES = ("memory", "stream")
+
+
+def _read_folder(folder: Path, classes: list[str] | None, select: bool, is_train: bool, image_size: int,
+                 channels: int, storage: str, num_workers: int, cache_dir: str | None) -> tuple[ImageSet, list[str]]:
+    """One folder's images, streamed or decoded into memory, and its classes (``list_image_folder``'s
+    arguments: a train folder must have images in every class, a validation folder may lack some)."""
+    listing = list_image_folder(folder, classes, select=select, require_images=is_train)
+    if storage == "stream":
+        images = ImageSet(ImageFiles(listing.files, channels, image_size, num_workers), listing.labels)
+    else:
+        images = read_image_folder(listing, channels, image_size, num_workers, cache_dir)
+    return images, listing.classes
+
+
 def imagefolder(
     train_dir: str,
     val_dir: str | None = None,
@@ -261,10 +272,20 @@ def imagefolder(
     val_fraction: float = 0.1,
     num_workers: int = 2,
     seed: int = 0,
+    storage: str = "memory",
+    cache_dir: str | None = None,
+    classes: list[str] | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
 ) -> DatasetSplits:
-    """Images in class sub-folders (``train_dir/<class>/*.png``), resized (shorter side) and center-cropped.
+    """Images in class sub-folders (``train_dir/<class>/**/*.png``), resized (shorter side) and center-cropped
+    to ``image_size``, decoded by ``decode.decode_file`` (every Pillow mode keeps its meaning, or is refused).
 
     Without ``val_dir``, a stratified ``val_fraction`` of each class (chosen by ``seed``) is the test split.
+    ``storage=memory`` decodes everything into one uint8 tensor in ``num_workers`` processes (cached in
+    ``cache_dir`` when set); ``storage=stream`` only lists the files and decodes them when used (training:
+    ``num_workers`` processes, ``dataset.prefetch`` batches ahead each, see ``batches.make_batches``). ``classes`` reads only those sub-folders (ImageNet-100); ``mean``/``std``
+    (null: measured on up to 4096 train images) normalise the views.
     """
     for key, folder in (("train_dir", train_dir), ("val_dir", val_dir)):
         if folder is not None and not Path(folder).expanduser().is_dir():
@@ -272,9 +293,18 @@ def imagefolder(
                 f"dataset.{key}={folder} is not a directory ({Path(folder).expanduser().absolute()}): "
                 f"point it at a folder with one sub-folder of images per class."
             )
-    train, classes = read_image_folder(Path(train_dir).expanduser(), image_size, channels, num_workers)
+    if storage not in STORAGES:
+        raise SslrunError(f"dataset.storage={storage} is not one of {', '.join(STORAGES)}: memory decodes the "
+                          "images once into memory (data that fits), stream decodes files as they are used.")
+    if channels not in (1, 3):
+        raise SslrunError(f"dataset.channels={channels} is not supported for image folders: use 3 (RGB) or 1 (gray).")
+    if (mean is None) != (std is None):
+        raise SslrunError("dataset.mean and dataset.std must be given together (or both null to measure them).")
+    select = classes is not None
+    read = (image_size, channels, storage, num_workers, cache_dir)
+    train, train_classes = _read_folder(Path(train_dir).expanduser(), classes and sorted(classes), select, True, *read)
     if val_dir is not None:
-        test, _ = read_image_folder(Path(val_dir).expanduser(), image_size, channels, num_workers, classes)
+        test, _ = _read_folder(Path(val_dir).expanduser(), train_classes, select, False, *read)
     else:
         if not 0 < val_fraction < 1:
             raise SslrunError(f"dataset.val_fraction={val_fraction} must be between 0 and 1 (or set dataset.val_dir).")
@@ -285,8 +315,35 @@ def imagefolder(
                 f"raise it or set dataset.val_dir."
             )
         train, test = train.subset(keep), train.subset(held_out)
-    mean, std = _channel_stats(train.images)
-    return DatasetSplits("imagefolder", train, train, test, len(classes), mean, std, classes)
+    if mean is None:
+        mean, std = _channel_stats(train.images)
+    return DatasetSplits("imagefolder", train, train, test, len(train_classes), tuple(mean), tuple(std),
+                         train_classes)
+
+
+def imagenet(
+    root: str,
+    image_size: int = 224,
+    channels: int = 3,
+    classes: list[str] | None = None,
+    storage: str = "stream",
+    num_workers: int = 8,
+    cache_dir: str | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> DatasetSplits:
+    """ImageNet (ILSVRC-2012) from ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``, or the subset of
+    ``classes`` (ImageNet-100: the CMC list in ``conf/dataset/imagenet100.yaml``). An ``imagefolder`` with those
+    two folders; see it for the other arguments."""
+    base = Path(root).expanduser()
+    missing = [str(base / part) for part in ("train", "val") if not (base / part).is_dir()]
+    if missing:
+        raise SslrunError(
+            f"dataset.root={root} does not hold ImageNet's standard layout: {' and '.join(missing)} missing. Point "
+            "dataset.root at the folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (the validation images "
+            "sorted into class folders, e.g. by the PyTorch ImageNet example's valprep.sh).")
+    return imagefolder(str(base / "train"), str(base / "val"), image_size, channels, num_workers=num_workers,
+                       storage=storage, cache_dir=cache_dir, classes=classes, mean=mean, std=std)
 
 
 def _smooth_noise(count: int, channels: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -354,8 +411,8 @@ def _limit(images: ImageSet, limit: Any, key: str) -> ImageSet:
 def load_dataset(cfg: DictConfig | Mapping[str, Any]) -> DatasetSplits:
     """Build the dataset described by the ``dataset`` config node, then apply ``limit_train``/``limit_test``.
 
-    The keys ``name``, ``limit_train`` and ``limit_test`` are handled here, all others go to the
-    builder named by ``_target_``.
+    The keys ``name``, ``limit_train`` and ``limit_test`` are handled here, ``prefetch`` (streamed folders)
+    by ``batches.make_batches``; all others go to the builder named by ``_target_``.
     """
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     try:
@@ -366,6 +423,7 @@ def load_dataset(cfg: DictConfig | Mapping[str, Any]) -> DatasetSplits:
         ) from e
     name = kwargs.pop("name", None)
     limit_train, limit_test = kwargs.pop("limit_train", None), kwargs.pop("limit_test", None)
+    kwargs.pop("prefetch", None)
     try:
         splits = hydra.utils.instantiate(kwargs)
     except InstantiationException as e:

@@ -15,14 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from sslrun.data.image_set import ImageSet
 from sslrun.errors import SslrunError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # The four MNIST / Fashion-MNIST files, each found with or without ".gz".
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _STL10_SIZE = 96
@@ -178,68 +174,3 @@ def read_mnist_folder(folder: Path) -> tuple[ImageSet, ImageSet]:
                 raise ValueError(f"images {images.shape} do not match labels {labels.shape} in {label_path.name}")
         splits.append(ImageSet(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)))
     return splits[0], splits[1]
-
-
-class _DecodedImages(Dataset):
-    """Decodes, resizes (shorter side) and center-crops one file per item; runs in loader workers."""
-
-    def __init__(self, files: list[Path], image_size: int, mode: str) -> None:
-        self.files, self.image_size, self.mode = files, image_size, mode
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        try:
-            with Image.open(self.files[i]) as image:
-                image = image.convert(self.mode)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            # Reported from the main process: an exception raised in a worker arrives wrapped in its traceback.
-            return torch.zeros(len(self.mode), self.image_size, self.image_size, dtype=torch.uint8), False
-        image = TF.center_crop(TF.resize(image, self.image_size), [self.image_size, self.image_size])
-        return TF.pil_to_tensor(image), True
-
-
-def read_image_folder(
-    root: Path, image_size: int, channels: int, num_workers: int, classes: list[str] | None = None
-) -> tuple[ImageSet, list[str]]:
-    """Read ``root/<class>/**/<image>`` into [N, channels, image_size, image_size].
-
-    Classes are the sorted sub-folder names, or ``classes`` (e.g. those of the train folder, so a
-    validation folder gets the same label numbers; it may lack some of them).
-    """
-    if channels not in (1, 3):
-        raise SslrunError(f"dataset.channels={channels} is not supported for image folders: use 3 (RGB) or 1 (gray).")
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if classes is None:
-        classes = [d.name for d in folders]
-    unknown = [d.name for d in folders if d.name not in classes]
-    if unknown:
-        raise SslrunError(
-            f"{root} has class folders that the train folder lacks: {', '.join(unknown)}; "
-            f"the two must use the same class names."
-        )
-    files, labels = [], []
-    for folder in folders:
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        files += found
-        labels += [classes.index(folder.name)] * len(found)
-    if not files:
-        raise SslrunError(
-            f"No images found in {root}: expected one sub-folder per class holding image files "
-            f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {root}/cat/0001.png."
-        )
-    decoded = _DecodedImages(files, image_size, "L" if channels == 1 else "RGB")
-    images = torch.empty((len(files), channels, image_size, image_size), dtype=torch.uint8)
-    ok = torch.empty(len(files), dtype=torch.bool)
-    start = 0
-    for batch, batch_ok in DataLoader(decoded, batch_size=64, num_workers=num_workers):
-        images[start : start + len(batch)] = batch
-        ok[start : start + len(batch)] = batch_ok
-        start += len(batch)
-    if not ok.all():
-        bad = [str(files[i]) for i in (~ok).nonzero().flatten().tolist()]
-        raise SslrunError(
-            f"{len(bad)} image file(s) under {root} could not be decoded, e.g. {bad[0]}: delete or replace them."
-        )
-    return ImageSet(images, torch.tensor(labels)), classes

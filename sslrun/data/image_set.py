@@ -9,9 +9,13 @@ import torch
 
 @dataclass
 class ImageSet:
-    """Images as one uint8 tensor ``[N, C, H, W]`` and integer labels ``[N]`` (-1 = unlabeled)."""
+    """Images as one uint8 tensor ``[N, C, H, W]`` and integer labels ``[N]`` (-1 = unlabeled).
 
-    images: torch.Tensor
+    A streamed image folder (``dataset.storage=stream``) holds ``stream.ImageFiles`` instead of the tensor:
+    the same ``shape``/``dtype``/``len``, and indexing it decodes those files. ``subset`` keeps it undecoded.
+    """
+
+    images: torch.Tensor  # or stream.ImageFiles
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
@@ -28,7 +32,8 @@ class ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device))
 
     def subset(self, index: torch.Tensor) -> ImageSet:
-        return ImageSet(self.images[index], self.labels[index])
+        images = self.images[index] if isinstance(self.images, torch.Tensor) else self.images.take(index)
+        return ImageSet(images, self.labels[index])
 
 
 @dataclass

@@ -1,0 +1,147 @@
+"""Image folders larger than memory (``dataset.storage=stream``): files are decoded when they are used.
+
+:class:`ImageFiles` stands where an in-memory ``ImageSet`` holds its uint8 tensor: it has the tensor's
+``shape``, ``dtype`` and ``len``, and indexing it (an int, a slice, an index tensor) decodes those files,
+on ``num_workers`` threads. So evaluation, the kNN monitor and k-means, which slice the images batch by
+batch, read a streamed split unchanged, holding one batch at a time.
+
+:class:`StreamBatches` is ``TensorBatches`` for files: the same ``epoch_permutation``, rank slicing and
+mid-epoch ``start``, so for one seed it yields the same dataset indices and, since both decode through
+``decode.decode_file``, the same pixels as the in-memory path. Batches are decoded in DataLoader worker
+processes, ``prefetch`` batches ahead per worker, into pinned memory on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from sslrun.data.batches import epoch_permutation, rank_batches
+from sslrun.data.decode import UndecodableImage, decode_file
+from sslrun.data.folders import DecodedFiles
+from sslrun.errors import SslrunError
+
+
+def _undecodable(path: Path, why: str) -> SslrunError:
+    return SslrunError(f"The image file {path} could not be decoded ({why}); with dataset.storage=stream files are "
+                       "first read when used, so this shows only now. Delete or replace it (or convert it to 8-bit "
+                       "RGB or grey PNG/JPEG), then rerun: the run resumes from its last checkpoint.")
+
+
+class ImageFiles:
+    """The uint8 images [N, channels, size, size] of ``files``, decoded on indexing (see the module doc).
+
+    Args:
+        files: the image files, in dataset order.
+        channels: 1 (grey) or 3 (RGB).
+        size: the stored side in px; each file is resized (shorter side) and center-cropped to it.
+        num_workers: threads that decode an indexed batch.
+    """
+
+    dtype = torch.uint8
+    device = torch.device("cpu")
+
+    def __init__(self, files: Sequence[Path], channels: int, size: int, num_workers: int,
+                 pool: ThreadPoolExecutor | None = None) -> None:
+        self.files, self.channels, self.size, self.num_workers = list(files), channels, size, num_workers
+        self._pool = pool or ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="sslrun-decode")
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.files), self.channels, self.size, self.size))
+
+    def dim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode(self, path: Path) -> torch.Tensor:
+        try:
+            return decode_file(path, self.channels, self.size)[0]
+        except UndecodableImage as e:
+            raise _undecodable(path, str(e)) from e
+
+    def _select(self, index: int | slice | torch.Tensor | Sequence[int]) -> list[Path]:
+        if isinstance(index, slice):
+            return self.files[index]
+        if isinstance(index, torch.Tensor):
+            index = index.flatten().tolist() if index.dtype != torch.bool else index.nonzero().flatten().tolist()
+        return [self.files[i] for i in index]
+
+    def take(self, index: slice | torch.Tensor | Sequence[int]) -> ImageFiles:
+        """The files at ``index``, still undecoded (``ImageSet.subset`` of a streamed set)."""
+        return ImageFiles(self._select(index), self.channels, self.size, self.num_workers, self._pool)
+
+    def __getitem__(self, index: int | slice | torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """uint8 [C, size, size] for an int; [n, C, size, size] for a slice or an index tensor / list."""
+        if isinstance(index, int):
+            return self._decode(self.files[index])
+        files = self._select(index)
+        if not files:
+            return torch.empty((0, self.channels, self.size, self.size), dtype=torch.uint8)
+        return torch.stack(list(self._pool.map(self._decode, files)))
+
+    def to(self, device: torch.device | str) -> torch.Tensor:
+        """Every image decoded into one tensor on ``device``: only for small subsets (figures)."""
+        return self[:].to(device)
+
+
+class _EpochBatches(Sampler[list[int]]):
+    """The batch sampler of a persistent DataLoader: each epoch sets the index lists it yields."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class StreamBatches:
+    """Shuffled batches (last partial batch dropped) decoded from ``images``' files, with ``TensorBatches``'
+    interface and order: ``epoch(epoch, start)`` yields this rank's (uint8 [batch_size // world_size, C, S, S]
+    on ``device``, dataset indices [b] on ``device``).
+
+    Args:
+        images: the streamed split's files.
+        batch_size: the global batch; rank ``r`` of ``world_size`` takes rows ``[r*b, (r+1)*b)`` of each.
+        device: where batches are delivered (copied from pinned memory, asynchronously, on CUDA).
+        seed: with the epoch, fixes the permutation (``epoch_permutation``).
+        num_workers: decoding processes (0: decode in this process).
+        prefetch: batches each worker decodes ahead.
+    """
+
+    def __init__(self, images: ImageFiles, batch_size: int, device: torch.device, seed: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 2, prefetch: int = 2) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"global batch {batch_size} does not split over {world_size} processes")
+        self.images, self.batch_size, self.device, self.seed = images, batch_size, device, seed
+        self.rank, self.world_size = rank, world_size
+        self._sampler = _EpochBatches()
+        workers = num_workers > 0
+        self._loader = DataLoader(DecodedFiles(images.files, images.channels, images.size),
+                                  batch_sampler=self._sampler, num_workers=num_workers,
+                                  pin_memory=device.type == "cuda", persistent_workers=workers,
+                                  prefetch_factor=prefetch if workers else None)
+
+    def __len__(self) -> int:
+        return len(self.images) // self.batch_size
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of ``epoch``, from batch ``start`` on (a resume mid-epoch skips the rest)."""
+        perm = epoch_permutation(len(self.images), self.seed, epoch)
+        index = list(rank_batches(perm, self.batch_size, self.rank, self.world_size, start))
+        self._sampler.batches = [idx.tolist() for idx in index]
+        pin = self.device.type == "cuda"
+        for idx, (batch, errors, _, _) in zip(index, self._loader):
+            bad = next((i for i, e in enumerate(errors) if e), None)
+            if bad is not None:
+                raise _undecodable(self.images.files[idx[bad]], errors[bad])
+            yield batch.to(self.device, non_blocking=pin), idx.to(self.device, non_blocking=pin)
