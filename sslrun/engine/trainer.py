@@ -201,7 +201,8 @@ class Pretrainer:
         t = self.cfg.trainer
         warmup_frac = min(1.0, self.cfg.optimizer.warmup_epochs / t.epochs)
         self.method.on_fit_start(FitInfo(len(self.splits.pretrain), self.steps_per_epoch, self.total_steps,
-                                         t.epochs, self._map_dataset))
+                                         t.epochs, self._map_dataset, labels=self.splits.pretrain.labels,
+                                         mean=self.splits.mean, std=self.splits.std))
         self._t0 = time.perf_counter()
         if self.resume is not None:
             self._load(self.resume)
