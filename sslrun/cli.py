@@ -47,15 +47,21 @@ def explain(e: BaseException) -> str | None:
 def _main(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
+    from . import dist  # imported here, like run, so that `sslrun --help` does not pay for torch
     from .engine.signals import StopRequested
-    from .run import run  # imported here so `sslrun --help` does not pay for torch
+    from .run import run
 
     hc = HydraConfig.get()
-    console = Console(record=True)
     run_dir = Path(hc.runtime.output_dir)
     try:
-        with RunDirectory(run_dir, console):
-            run(cfg, run_dir, list(hc.overrides.task), console)
+        run_dir = _shared_run_dir(cfg, run_dir)
+        if dist.is_main():
+            console = Console(record=True)
+            with RunDirectory(run_dir, console):
+                run(cfg, run_dir, list(hc.overrides.task), console)
+        else:
+            run(cfg, run_dir, list(hc.overrides.task), Console(quiet=True))
+        dist.destroy()
     except StopRequested as e:
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading data, evaluating): nothing to save
@@ -70,6 +76,24 @@ def _main(cfg: DictConfig) -> None:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweep goes on: Hydra marks this job failed, sslrun.report.sweep_callback records it
         sys.exit(2)
+
+
+def _shared_run_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    """Under torchrun every process composed its own ``${now}`` run directory: all use rank 0's, and the
+    others remove the empty one Hydra made for them."""
+    from . import dist
+    from .engine.device import resolve_device
+
+    if not dist.init_from_env(resolve_device(cfg.trainer.device)):
+        return run_dir
+    shared = Path(dist.broadcast_object(str(run_dir)))
+    if shared != run_dir:
+        for d in (run_dir, run_dir.parent):
+            try:
+                d.rmdir()  # only if empty: rank 0 may share the date folder
+            except OSError:
+                break
+    return shared
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import torch
 import torch.distributed as tdist
@@ -236,3 +237,32 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, convert_sync_batchnorm(child))
     return module
+
+
+def map_sharded(num_rows: int, compute: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """Rows ``[0, num_rows)`` of a row-wise computation, each process computing one contiguous shard.
+
+    ``compute(lo, hi)`` returns rows ``lo..hi-1`` ([hi - lo, ...]); every process gets all ``num_rows`` rows in
+    order (feature extraction for evaluation and k-means without doing the work N times). One process:
+    ``compute(0, num_rows)``.
+    """
+    n, w = num_rows, world_size()
+    if w == 1:
+        return compute(0, n)
+    per = -(-n // w)
+    lo, hi = min(n, rank() * per), min(n, (rank() + 1) * per)
+    part = compute(lo, hi) if hi > lo else compute(0, 1)[:0]  # an empty shard still needs the row shape
+    padded = part.new_zeros((per, *part.shape[1:]))
+    padded[:hi - lo] = part
+    full = all_gather(padded)
+    keep = [torch.arange(j * per, j * per + min(n, (j + 1) * per) - min(n, j * per)) for j in range(w)]
+    return full[torch.cat(keep).to(full.device)]
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s picklable ``obj`` on every rank (e.g. the run directory rank 0's Hydra chose)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]

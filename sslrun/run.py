@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
+from . import dist
 from .checkpoint import load_checkpoint, write_text_atomic
 from .config_check import check_against_data, check_config
 from .data.datasets import load_dataset
@@ -112,9 +113,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
     if cfg.eval.only:
         cfg, ck = _eval_only_config(cfg, overrides)
     resume, resume_path = (None, None) if cfg.eval.only else _resume_checkpoint(cfg, run_dir)
-    write_run_config(run_dir, cfg, overrides)
+    main = dist.is_main()  # rank 0 owns the run directory: the other processes compute and never write
+    if main:
+        write_run_config(run_dir, cfg, overrides)
     torch.manual_seed(cfg.trainer.seed)
     device = resolve_device(cfg.trainer.device)
+    if dist.init_from_env(device) and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
     autocast_dtype = resolve_precision(cfg.trainer.precision, device)
     if device.type == "cpu" and not cfg.eval.only:
         console.print("[dim]No GPU: training on the CPU." + (" This CPU has bf16 matrix units (AMX): "
@@ -127,7 +132,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
                      "num_classes": splits.num_classes}
     # A resumed run's TensorBoard steps after its checkpoint were written by the killed process: purge them.
     purge = resume["state"]["step"] + 1 if resume else None
-    with SummaryWriter(str(run_dir), purge_step=purge) as writer:
+    with SummaryWriter(str(run_dir), purge_step=purge) if main else _NoWriter() as writer:
         classifier = None  # a method's own head on its features (supervised, distillation): classifier_top1
         if ck is not None:
             try:
@@ -160,7 +165,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
         for key, value in results.items():
             writer.add_scalar(f"eval/{key}", value, metrics.get("steps", 0))
         metrics["eval_seconds"] = round(time.perf_counter() - t_eval, 1)
-        if cfg.monitor.figures.enabled:
+        if cfg.monitor.figures.enabled and main:
             names = "embedding map, retrieval" + (", attention" if hasattr(backbone, "last_attention") else "")
             console.print(f"Drawing figures: {names}...")
             write_end_figures(backbone, splits, cfg, run_dir, writer, device, autocast_dtype, metrics.get("steps", 0))
@@ -168,9 +173,23 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
     if "expected" in cfg:  # an experiment's target: record whether this run reproduced it
         metrics["expected"] = OmegaConf.to_container(cfg.expected)
         metrics["reproduced"] = judge(metrics["expected"], metrics)["reproduced"]  # a band, or a floor
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    console.print(results_table(metrics, run_dir))
+    if main:
+        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        console.print(results_table(metrics, run_dir))
     return metrics
+
+
+class _NoWriter:
+    """The TensorBoard writer of a process that is not rank 0: it accepts everything and writes nothing."""
+
+    def __enter__(self) -> _NoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 def write_run_config(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:

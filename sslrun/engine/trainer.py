@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from ..data.augment import normalize
@@ -24,6 +26,7 @@ from ..methods.base import FitInfo, Method, TrainState
 from ..monitor.progress import stats_line, training_progress
 from ..monitor.recorder import TrainingMonitor
 from ..monitor.spikes import Spike
+from .. import dist
 from ..checkpoint import save_checkpoint
 from .optim import build_optimizer, lr_factor, set_lr
 from .signals import StopRequested, StopSignals
@@ -86,14 +89,26 @@ class Pretrainer:
         # The dataset lives on the GPU when it fits: a batch is then one gather, no host work.
         images = splits.pretrain.images
         images = images.to(device) if _fits_on(device, images) else images
-        self.batches = TensorBatches(images, t.batch_size, device, t.seed)
-        self.aug_gen = torch.Generator(device=device).manual_seed(t.seed + 1)
+        # trainer.batch_size is the global batch: each process takes its slice of every global batch, and
+        # makes its views with a generator of its own (rank 0's is the one-process generator).
+        self.batches = TensorBatches(images, t.batch_size, device, t.seed, dist.rank(), dist.world_size())
+        self.aug_gen = torch.Generator(device=device).manual_seed(t.seed + 1 + 1000 * dist.rank())
         self.steps_per_epoch = len(self.batches)
         self.total_steps = t.epochs * self.steps_per_epoch
         self.budget_s = t.max_minutes * 60 if t.max_minutes else None
         self.channels_last = bool(t.channels_last)
         method.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        self.model = torch.compile(method) if t.compile else method
+        model: nn.Module = method
+        if dist.world_size() > 1:
+            if t.sync_batchnorm:
+                method.convert_sync_batchnorm()
+            # Gradients are averaged over processes during backward; buffers (queues, banks, centres) are kept in
+            # step by the methods' own gathers, so DDP need not broadcast them every step.
+            with warnings.catch_warnings():  # its successor, forward_sync_buffers, is not in every torch we support
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                model = DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None,
+                                                broadcast_buffers=False)
+        self.model = torch.compile(model) if t.compile else model
         self.state = TrainState()
         self.optimizer = build_optimizer(cfg.optimizer, method.param_groups(), t.batch_size)
         self.monitor = TrainingMonitor(method, splits, cfg, device, autocast_dtype, writer, run_dir, self._non_finite)
@@ -102,6 +117,8 @@ class Pretrainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self) -> None:
+        if not dist.is_main():  # rank 0 owns the run directory; every rank holds the same weights
+            return
         save_checkpoint({
             "method": self.method.state_dict(), "backbone": self.method.eval_backbone().state_dict(),
             "optimizer": self.optimizer.state_dict(), "state": asdict(self.state),
@@ -138,12 +155,18 @@ class Pretrainer:
     # ---- the loop ----------------------------------------------------------------------------
     @torch.no_grad()
     def _map_dataset(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        images, bs, out = self.splits.pretrain.images, self.cfg.eval.batch_size, []
-        for i in range(0, images.shape[0], bs):
-            x = normalize(images[i:i + bs].to(self.device, non_blocking=True), self.splits.mean, self.splits.std)
-            with self._autocast():
-                out.append(fn(x))
-        return torch.cat(out)
+        images, bs = self.splits.pretrain.images, self.cfg.eval.batch_size
+
+        def shard(lo: int, hi: int) -> torch.Tensor:  # each process maps its shard; all get every row
+            out = []
+            for i in range(lo, hi, bs):
+                x = normalize(images[i:min(i + bs, hi)].to(self.device, non_blocking=True), self.splits.mean,
+                              self.splits.std)
+                with self._autocast():
+                    out.append(fn(x))
+            return torch.cat(out)
+
+        return dist.map_sharded(images.shape[0], shard)
 
     def _expected_steps(self) -> int:
         """Steps the run will take: the epochs' count, or fewer where trainer.max_minutes ends it first (the
@@ -232,11 +255,8 @@ class Pretrainer:
                         if not self.console.is_terminal and (self._printed_at is None or
                                                              time.perf_counter() - self._printed_at > PRINT_EVERY_S):
                             self._print_line()
-                    if signals.received is not None:
-                        stopped_by = "signal"
-                        break
-                    if self.budget_s and self._elapsed() >= self.budget_s:
-                        stopped_by = "max_minutes"
+                    stopped_by = self._should_stop(signals)
+                    if stopped_by:
                         break
                 else:
                     self.state.epoch += 1
@@ -261,6 +281,18 @@ class Pretrainer:
         r.epochs = self.state.step / self.steps_per_epoch
         r.imgs_per_s = r.steps * t.batch_size / max(1e-9, r.seconds)  # over every session of a resumed run
         return r
+
+    def _should_stop(self, signals: StopSignals) -> str | None:
+        """"signal", "max_minutes" or None. Processes must stop at the same step (or the others would wait in
+        a collective forever): with several, they agree at log steps through one all-reduce of the flags."""
+        flags = [signals.received is not None, bool(self.budget_s) and self._elapsed() >= self.budget_s]
+        if dist.world_size() > 1:
+            if self.state.step % self.cfg.trainer.log_every:
+                return None
+            flags = dist.all_reduce_max(torch.tensor(flags, dtype=torch.float32, device=self.device)).tolist()
+            if flags[0] and signals.received is None:
+                signals.received = signal.SIGTERM  # another process was signalled: stop and save here too
+        return "signal" if flags[0] else "max_minutes" if flags[1] else None
 
     def _stop_on_signal(self, signals: StopSignals) -> None:
         signum = signals.received

@@ -6,19 +6,23 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..data.image_set import DatasetSplits, ImageSet
+from .. import dist
+from ..data.image_set import DatasetSplits
 from .features import extract_features
 from .knn import knn_predict, topk_accuracy
+from .adapt import adapt_on_corruptions
 from .linear import train_linear
 
 
-def knn_accuracy(backbone: nn.Module, bank: ImageSet, queries: ImageSet, splits: DatasetSplits,
-                 device: torch.device, k: int, temperature: float, backend: str = "torch",
-                 batch_size: int = 512, autocast_dtype: torch.dtype | None = None) -> dict[int, float]:
-    feats = [extract_features(backbone, s.images, splits.mean, splits.std, device, batch_size, autocast_dtype)
-             for s in (bank, queries)]
-    scores = knn_predict(feats[0], bank.labels, feats[1], splits.num_classes, k, temperature, backend)
-    return topk_accuracy(scores, queries.labels)
+def frozen_features(backbone: nn.Module, images: torch.Tensor, splits: DatasetSplits, device: torch.device,
+                    batch_size: int, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Features [N, D] of ``images`` in order; with several processes each extracts one shard and all get every
+    row. Rank 0's buffers (batch-norm statistics) are used everywhere, so the shards come from one network."""
+    if dist.world_size() > 1:
+        for buf in backbone.buffers():
+            dist.broadcast(buf)
+    return dist.map_sharded(images.shape[0], lambda lo, hi: extract_features(
+        backbone, images[lo:hi], splits.mean, splits.std, device, batch_size, autocast_dtype))
 
 
 def evaluate(backbone: nn.Module, splits: DatasetSplits, cfg: DictConfig, device: torch.device,
@@ -31,9 +35,11 @@ def evaluate(backbone: nn.Module, splits: DatasetSplits, cfg: DictConfig, device
     ``seed`` fixes the linear probe (its init and shuffles), so a training run's evaluation and an
     ``eval.only`` run of its checkpoint give the same numbers.
     """
-    train_f, test_f = (extract_features(backbone, s.images, splits.mean, splits.std, device, cfg.batch_size,
-                                        autocast_dtype) for s in (splits.train, splits.test))
+    train_f, test_f = (frozen_features(backbone, s.images, splits, device, cfg.batch_size, autocast_dtype)
+                       for s in (splits.train, splits.test))
     results: dict[str, float] = {}
+    if not dist.is_main():  # the probes run once, on rank 0, which reports them
+        return results
     if cfg.knn.enabled:
         scores = knn_predict(train_f, splits.train.labels, test_f, splits.num_classes, cfg.knn.k,
                              cfg.knn.temperature, cfg.knn.backend)
@@ -52,4 +58,6 @@ def evaluate(backbone: nn.Module, splits: DatasetSplits, cfg: DictConfig, device
                                 splits.test.labels)
         classifier.train(was)
         results.update(classifier_top1=acc[1], classifier_top5=acc[5])
+    if cfg.tta.method != "none":  # test-time adaptation of the linear-probed model on corrupted test sets
+        results.update(adapt_on_corruptions(backbone, clf if cfg.linear.enabled else None, splits, cfg.tta, device))
     return results

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from .. import dist
 from ..data.augment import normalize
 from ..data.image_set import DatasetSplits, ImageSet
 from ..errors import SslrunError
@@ -84,6 +85,7 @@ class TrainingMonitor:
         self._row: torch.Tensor | None = None
         self._next_rank = 0
         self._last_knn: dict | None = None
+        self.main = dist.is_main()
         self._flushed = False  # the first step is flushed at once, so the progress bar shows a loss from the start
         self.restart_clock()
 
@@ -105,6 +107,8 @@ class TrainingMonitor:
                    terms: dict[str, torch.Tensor] | None = None) -> bool:
         """Buffer the step and its extra scalar ``terms`` (logged as train/<key>); flush at log steps, run
         the step kNN monitor when due. Returns whether it logged."""
+        if not self.main:  # rank 0 records; the others only take part in after_backward (same grads everywhere)
+            return False
         terms = {k: v.detach().float() for k, v in (terms or {}).items()}
         self._pending.append((state.step, torch.cat([loss.detach().float().reshape(1), self._row]), lr, terms))
         logged = state.step % self.log_every == 0 or not self._flushed
@@ -115,6 +119,8 @@ class TrainingMonitor:
         return logged
 
     def end_epoch(self, state: TrainState, z: torch.Tensor) -> None:
+        if not self.main:
+            return
         self.flush(z)
         if self.m.knn_every and state.epoch % self.m.knn_every == 0:
             self.knn(state, "monitor/knn_top1")
@@ -223,7 +229,7 @@ class TrainingMonitor:
     def preview(self, images: torch.Tensor, views: Sequence[torch.Tensor]) -> None:
         """The augmentation preview grid: a few images of the first batch and their views."""
         f = self.m.figures
-        if not f.enabled:
+        if not f.enabled or not self.main:
             return
         t0 = time.perf_counter()
         n = min(f.preview_images, images.shape[0])
