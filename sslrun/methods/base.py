@@ -38,6 +38,9 @@ class FitInfo:
     # The per-channel mean and std the views were normalised with (generative models map views to [-1, 1]).
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # The pretraining images' captions in index order (dataset=imagetext), or None: CLIP tokenises them once
+    # and reads them by the batch's ``index``.
+    captions: list[str] | None = None
 
 
 @dataclass
