@@ -5,12 +5,12 @@
     sslrun-reproduce solo_cifar10 --launcher slurm   # one sweep through conf/hydra/launcher/slurm.yaml
     sslrun-reproduce simsiam_appD --rows simsiam trainer.device=cuda:1   # some rows, extra overrides
 
-A table is a folder ``conf/experiment/<table>/``; each ``<row>.yaml`` is a full recipe with an
-``expected: {metric, value, tol, source[, floor]}`` block. The runs go to ``--out`` (default
-``outputs/reproduce/<table>/<date>_<time>/<row>``); then ``reproduce.csv`` and ``reproduce.md`` there
-hold ``expected | got | delta | minutes | reproduced?`` and the terminal shows the same; ``--collect``
-judges the runs already in ``--out`` without running anything. ``reproduced``
-means |got - expected| <= tol, or got >= expected - tol for a row marked ``floor: true``.
+A table is a folder ``conf/experiment/<table>/``; each ``<row>.yaml`` (not ``_*.yaml``: pieces rows share) is
+a full recipe with an ``expected: {metric, value, tol, source[, floor]}`` block. Rows run in name order into
+``--out`` (default ``outputs/reproduce/<table>/<date>_<time>``), one directory each; then ``reproduce.csv``
+and ``reproduce.md`` there hold ``expected | got | delta | minutes | reproduced?`` and the terminal shows
+the same; ``--collect`` judges the runs already in ``--out`` without running anything. ``reproduced`` means
+|got - expected| <= tol, or got >= expected - tol for a row marked ``floor: true``.
 Exit status 0 when every row reproduced, 1 when some did not or failed, 2 for bad input.
 """
 
@@ -45,7 +45,12 @@ class Row:
 
 def tables() -> list[str]:
     """The tables: folders of conf/experiment holding row YAMLs."""
-    return sorted(d.name for d in EXPERIMENTS.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
+    return sorted(d.name for d in EXPERIMENTS.iterdir() if d.is_dir() and _row_names(d))
+
+
+def _row_names(folder: Path) -> list[str]:
+    """A table's rows: its YAMLs, less those named ``_*`` (pieces the rows share, e.g. ``_recipe.yaml``)."""
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.name.startswith("_"))
 
 
 def load_table(table: str, only: list[str] | None = None) -> list[Row]:
@@ -59,7 +64,7 @@ def load_table(table: str, only: list[str] | None = None) -> list[Row]:
     if not folder.is_dir():
         raise SslrunError(f"No table {table!r}: a table is a folder of conf/experiment/. Tables: "
                           f"{', '.join(tables())}.")
-    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    names = _row_names(folder)
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise SslrunError(f"Table {table} has no row {', '.join(unknown)}; its rows: {', '.join(names)}.")
