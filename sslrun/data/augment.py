@@ -9,6 +9,7 @@ Images are float32 in [0, 1] between ops; only the final output is normalised.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -19,6 +20,8 @@ from omegaconf import ListConfig, OmegaConf
 from torch import Tensor
 
 from sslrun.errors import SslrunError
+
+log = logging.getLogger(__name__)
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3  # ColorJitter op ids, as in torchvision's fn_idx
 _LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights, with the 0.2989 torchvision uses
@@ -242,6 +245,9 @@ class ViewRecipe:
             lo, hi = getattr(self, key)
             if not 0 < lo <= hi:
                 raise bad(key, "must be [min, max] with 0 < min <= max")
+        if self.scale[1] > 1:
+            raise bad("scale", "is the crop's fraction of the image area (RandomResizedCrop): must be [min, max] "
+                               "with 0 < min <= max <= 1")
         for key in ("hflip", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             if not 0 <= getattr(self, key) <= 1:
                 raise bad(key, "is a probability, must be in [0, 1]")
@@ -383,6 +389,25 @@ def apply_view(x: Tensor, recipe: ViewRecipe, params: ViewParams) -> Tensor:
     if recipe.solarize_p > 0:
         out = _where(params.solarize, solarize(out), out)
     return out
+
+
+def check_views_fit(views: Sequence[Mapping] | ListConfig, image_size: int) -> None:
+    """Call once the data is loaded: warn, in one line per view recipe, when its output ``size`` is larger
+    than the images (``image_size`` px, the side of the stored images), so its crops are upsampled: compute
+    spent on no new detail, usually a view size left from another dataset. A warning, not an error, because
+    it can be meant (a ViT at 224 px on 32-px CIFAR).
+
+    Raises:
+        SslrunError: a malformed recipe (``ViewRecipe``'s checks).
+    """
+    if isinstance(views, ListConfig):
+        views = OmegaConf.to_container(views, resolve=True)
+    for i, cfg in enumerate(views):
+        recipe = ViewRecipe.from_config(cfg)
+        if recipe.count > 0 and recipe.out_size(image_size) > image_size:
+            log.warning("augmentation.views.%d.size=%d is larger than the %d-px images: its crops are upsampled "
+                        "%.1fx; lower it to at most %d unless that is meant", i, recipe.size, image_size,
+                        recipe.size / image_size, image_size)
 
 
 # ----------------------------------------------------------------------------- module and eval helpers

@@ -171,13 +171,13 @@ def _idx_folder(title: str, folders: list[Path], download: bool, files: _IdxDown
 def _channel_stats(images: torch.Tensor | ImageFiles,
                    max_images: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] units, on an evenly strided subset (cheap, deterministic).
-    Read 256 images at a time, so a streamed set decodes only those."""
+    Read 256 images at a time (``.to`` decodes a streamed set's), so a streamed set holds only those."""
     index = torch.arange(0, len(images), max(1, len(images) // max_images))
     channels = images.shape[1]
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     for chunk in index.split(256):  # float64 sums keep precision
-        pixels = images[chunk].transpose(0, 1).reshape(channels, -1).float().div_(255)
+        pixels = images[chunk].to("cpu").transpose(0, 1).reshape(channels, -1).float().div_(255)
         total += pixels.sum(1, dtype=torch.float64)
         squares += pixels.square().sum(1, dtype=torch.float64)
     count = len(index) * images.shape[2] * images.shape[3]
@@ -284,8 +284,9 @@ def imagefolder(
     Without ``val_dir``, a stratified ``val_fraction`` of each class (chosen by ``seed``) is the test split.
     ``storage=memory`` decodes everything into one uint8 tensor in ``num_workers`` processes (cached in
     ``cache_dir`` when set); ``storage=stream`` only lists the files and decodes them when used (training:
-    ``num_workers`` processes, ``dataset.prefetch`` batches ahead each, see ``batches.make_batches``). ``classes`` reads only those sub-folders (ImageNet-100); ``mean``/``std``
-    (null: measured on up to 4096 train images) normalise the views.
+    ``num_workers`` processes, ``dataset.prefetch`` batches ahead each, see ``batches.make_batches``).
+    ``classes`` reads only those sub-folders (ImageNet-100); ``mean``/``std`` (null: measured on up to 4096
+    train images) normalise the views.
     """
     for key, folder in (("train_dir", train_dir), ("val_dir", val_dir)):
         if folder is not None and not Path(folder).expanduser().is_dir():

@@ -108,7 +108,7 @@ def _to_channels(pixels: np.ndarray, channels: int) -> torch.Tensor:
     return x.expand(channels, -1, -1).contiguous() if x.shape[0] != channels else x
 
 
-def decode_pixels(path: Path, channels: int) -> torch.Tensor:
+def decode_pixels(path: str | Path, channels: int) -> torch.Tensor:
     """The file's pixels as uint8 [channels, H, W] at their stored size (channels 1 = grey, 3 = RGB).
 
     Raises:
@@ -147,7 +147,7 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(x, [size, size])
 
 
-def decode_file(path: Path, channels: int, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def decode_file(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """``path`` decoded (:func:`decode_pixels`) and fitted to uint8 [channels, size, size]; also the
     stored (height, width), so that callers can tell the user about upscaled images."""
     x = decode_pixels(path, channels)

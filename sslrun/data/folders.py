@@ -7,6 +7,7 @@ the same listing, so the two storages give the same pixels and labels.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -32,14 +33,29 @@ class FolderListing:
     """The image files of a folder and their labels (indices into ``classes``), in a fixed order."""
 
     root: Path
-    files: list[Path]
+    files: list[str]  # paths as strings: a million Path objects cost seconds to build and sort
     labels: torch.Tensor  # [N] int64
     classes: list[str]
 
 
-def _example(paths: list[Path], root: Path) -> str:
-    shown = ", ".join(str(p.relative_to(root)) for p in paths[:3])
+def _example(paths: list[str], root: Path) -> str:
+    shown = ", ".join(os.path.relpath(p, root) for p in paths[:3])
     return shown + (", ..." if len(paths) > 3 else "")
+
+
+def _walk(folder: Path) -> tuple[list[str], list[str]]:
+    """(image files, other files) under ``folder`` at any depth, sorted, hidden ones left out. os.walk over
+    strings: pathlib's rglob and Path sorting took 3 s for CIFAR-10's 50,000 files, this 0.3 s."""
+    images, other = [], []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith("."):
+                (images if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS else other).append(
+                    os.path.join(top, name))
+    images.sort()
+    other.sort()
+    return images, other
 
 
 def list_image_folder(root: Path, classes: list[str] | None = None, *, select: bool = False,
@@ -62,6 +78,7 @@ def list_image_folder(root: Path, classes: list[str] | None = None, *, select: b
     Files without an image extension (``IMAGE_EXTENSIONS``) and images directly in ``root`` are skipped
     with a one-line warning; hidden files (``.DS_Store``) silently.
     """
+    root = root.absolute()  # absolute file paths: the cache key hashes them as they are
     folders = {d.name: d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
     if classes is None:
         classes = sorted(folders)
@@ -76,26 +93,21 @@ def list_image_folder(root: Path, classes: list[str] | None = None, *, select: b
     if unknown:
         raise SslrunError(f"{root} has class folders that the train folder lacks: {', '.join(unknown)}; "
                           "the two must use the same class names.")
-    files: list[Path] = []
+    files: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
-    skipped: list[Path] = []
+    skipped: list[str] = []
     for label, name in enumerate(classes):
         if name not in folders:
             continue
-        found, other = [], []
-        for path in folders[name].rglob("*"):
-            if path.name.startswith(".") or not path.is_file():
-                continue
-            (found if path.suffix.lower() in IMAGE_EXTENSIONS else other).append(path)
+        found, other = _walk(folders[name])
         if not found:
-            empty.append(f"{name}/" + (f" ({len(other)} file(s), none an image, e.g. {other[0].name})" if other
-                                       else " (empty)"))
+            empty.append(f"{name}/" + (f" ({len(other)} file(s), none an image, e.g. {Path(other[0]).name})"
+                                       if other else " (empty)"))
         skipped += other
-        found.sort()
         files += found
         labels += [label] * len(found)
-    loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    loose = sorted(str(p) for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         hint = f" ({len(loose)} images lie directly in {root}: move them into class sub-folders)" if loose else ""
         raise SslrunError(f"No images found in {root}{hint}: expected one sub-folder per class holding image "
@@ -120,7 +132,7 @@ class DecodedFiles(Dataset):
     A file that cannot be decoded gives zeros and its reason, reported by the caller from the main process
     (an exception raised in a loader worker arrives wrapped in a worker traceback)."""
 
-    def __init__(self, files: list[Path], channels: int, size: int) -> None:
+    def __init__(self, files: list[str], channels: int, size: int) -> None:
         self.files, self.channels, self.size = files, channels, size
 
     def __len__(self) -> int:
@@ -134,7 +146,7 @@ class DecodedFiles(Dataset):
             return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), str(e), 0, 0
 
 
-def check_decoded(files: list[Path], root: Path, errors: list[str], heights: torch.Tensor, widths: torch.Tensor,
+def check_decoded(files: list[str], root: Path, errors: list[str], heights: torch.Tensor, widths: torch.Tensor,
                   size: int) -> None:
     """Refuse undecodable files (naming them and why); warn in one line about images upscaled to ``size``."""
     bad = [i for i, e in enumerate(errors) if e]
@@ -168,14 +180,16 @@ def decode_into_memory(listing: FolderListing, channels: int, size: int, num_wor
 
 
 def cache_key(listing: FolderListing, channels: int, size: int) -> str:
-    """A digest of everything the decoded tensor depends on: each file's path, size and modification time
-    (nanoseconds), the labels, the output shape, and the decoders' versions. Any change gives a new key."""
+    """A digest of everything the decoded tensor depends on: each file's absolute path, inode, size, modification
+    and status-change times (ns; the status-change time moves on every write, and no tool can set it back, so a
+    file rewritten with its old size and mtime still changes the key), the labels, the output shape and the
+    decoders' versions."""
     digest = hashlib.sha256()
     digest.update(f"{DECODE_VERSION} {torchvision.__version__} {PIL.__version__} {channels} {size}\n".encode())
     digest.update(" ".join(listing.classes).encode())
     for path, label in zip(listing.files, listing.labels.tolist()):
-        st = path.stat()
-        digest.update(f"\n{path.absolute()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}".encode())
+        st = os.stat(path)
+        digest.update(f"\n{path}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{label}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -202,7 +216,8 @@ def read_image_folder(listing: FolderListing, channels: int, size: int, num_work
             np.save(f, decoded.images.numpy())
         os.replace(tmp, path)
     except OSError as e:  # a read-only or full cache location costs speed next time, never this run
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         log.warning("Could not write the decoded-image cache %s (%s); set dataset.cache_dir to a writable "
                     "folder, or to null for no cache", path, e)
     return decoded

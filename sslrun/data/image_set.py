@@ -12,7 +12,7 @@ class ImageSet:
     """Images as one uint8 tensor ``[N, C, H, W]`` and integer labels ``[N]`` (-1 = unlabeled).
 
     A streamed image folder (``dataset.storage=stream``) holds ``stream.ImageFiles`` instead of the tensor:
-    the same ``shape``/``dtype``/``len``, and indexing it decodes those files. ``subset`` keeps it undecoded.
+    the same ``shape``/``dtype``/``len``; a subset stays undecoded, ``images[i:j].to(device)`` decodes.
     """
 
     images: torch.Tensor  # or stream.ImageFiles
@@ -32,8 +32,7 @@ class ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device))
 
     def subset(self, index: torch.Tensor) -> ImageSet:
-        images = self.images[index] if isinstance(self.images, torch.Tensor) else self.images.take(index)
-        return ImageSet(images, self.labels[index])
+        return ImageSet(self.images[index], self.labels[index])
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Image folders larger than memory (``dataset.storage=stream``): files are decoded when they are used.
 
 :class:`ImageFiles` stands where an in-memory ``ImageSet`` holds its uint8 tensor: it has the tensor's
-``shape``, ``dtype`` and ``len``, and indexing it (an int, a slice, an index tensor) decodes those files,
-on ``num_workers`` threads. So evaluation, the kNN monitor and k-means, which slice the images batch by
-batch, read a streamed split unchanged, holding one batch at a time.
+``shape``, ``dtype`` and ``len``; slicing and subsets stay lazy, and ``images[i:i + b].to(device)`` decodes
+that batch on ``num_workers`` threads. So evaluation, the kNN monitor, k-means and the figures, which read
+the images batch by batch, take a streamed split unchanged, holding one batch at a time.
 
 :class:`StreamBatches` is ``TensorBatches`` for files: the same ``epoch_permutation``, rank slicing and
 mid-epoch ``start``, so for one seed it yields the same dataset indices and, since both decode through
@@ -26,26 +26,33 @@ from sslrun.data.folders import DecodedFiles
 from sslrun.errors import SslrunError
 
 
-def _undecodable(path: Path, why: str) -> SslrunError:
+def _undecodable(path: str, why: str) -> SslrunError:
     return SslrunError(f"The image file {path} could not be decoded ({why}); with dataset.storage=stream files are "
                        "first read when used, so this shows only now. Delete or replace it (or convert it to 8-bit "
                        "RGB or grey PNG/JPEG), then rerun: the run resumes from its last checkpoint.")
 
 
 class ImageFiles:
-    """The uint8 images [N, channels, size, size] of ``files``, decoded on indexing (see the module doc).
+    """The uint8 images [N, channels, size, size] of ``files``, decoded when they are read.
+
+    Indexing follows the tensor it stands for, but stays lazy where a tensor would make a copy of many rows:
+    an int gives the decoded image [C, size, size]; a slice, a 1-D index tensor / list or a boolean mask gives
+    the ``ImageFiles`` of those files (a shard, a subset: nothing decoded); an index tensor of 2 or more
+    dimensions (a few retrieval neighbours) gives decoded images [*index.shape, C, size, size].
+    ``.to(device)`` (or ``decode()``) decodes every file, on ``num_workers`` threads, into one tensor: what a
+    consumer does with one batch, ``images[i:i + b].to(device)``.
 
     Args:
         files: the image files, in dataset order.
         channels: 1 (grey) or 3 (RGB).
         size: the stored side in px; each file is resized (shorter side) and center-cropped to it.
-        num_workers: threads that decode an indexed batch.
+        num_workers: threads that decode a batch.
     """
 
     dtype = torch.uint8
     device = torch.device("cpu")
 
-    def __init__(self, files: Sequence[Path], channels: int, size: int, num_workers: int,
+    def __init__(self, files: Sequence[str], channels: int, size: int, num_workers: int,
                  pool: ThreadPoolExecutor | None = None) -> None:
         self.files, self.channels, self.size, self.num_workers = list(files), channels, size, num_workers
         self._pool = pool or ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="sslrun-decode")
@@ -60,35 +67,52 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.files)
 
-    def _decode(self, path: Path) -> torch.Tensor:
+    def __repr__(self) -> str:
+        return f"ImageFiles({len(self)} files, {self.channels}x{self.size}x{self.size})"
+
+    def _decode_one(self, path: str) -> torch.Tensor:
         try:
             return decode_file(path, self.channels, self.size)[0]
         except UndecodableImage as e:
             raise _undecodable(path, str(e)) from e
 
-    def _select(self, index: int | slice | torch.Tensor | Sequence[int]) -> list[Path]:
-        if isinstance(index, slice):
-            return self.files[index]
-        if isinstance(index, torch.Tensor):
-            index = index.flatten().tolist() if index.dtype != torch.bool else index.nonzero().flatten().tolist()
-        return [self.files[i] for i in index]
-
-    def take(self, index: slice | torch.Tensor | Sequence[int]) -> ImageFiles:
-        """The files at ``index``, still undecoded (``ImageSet.subset`` of a streamed set)."""
-        return ImageFiles(self._select(index), self.channels, self.size, self.num_workers, self._pool)
-
-    def __getitem__(self, index: int | slice | torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """uint8 [C, size, size] for an int; [n, C, size, size] for a slice or an index tensor / list."""
+    def __getitem__(self, index: int | slice | torch.Tensor | Sequence[int]) -> torch.Tensor | ImageFiles:
         if isinstance(index, int):
-            return self._decode(self.files[index])
-        files = self._select(index)
-        if not files:
-            return torch.empty((0, self.channels, self.size, self.size), dtype=torch.uint8)
-        return torch.stack(list(self._pool.map(self._decode, files)))
+            return self._decode_one(self.files[index])
+        if isinstance(index, slice):
+            return ImageFiles(self.files[index], self.channels, self.size, self.num_workers, self._pool)
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        view = ImageFiles([self.files[i] for i in index.flatten().tolist()], self.channels, self.size,
+                          self.num_workers, self._pool)
+        return view if index.dim() == 1 else view.decode().view(*index.shape, *self.shape[1:])
 
-    def to(self, device: torch.device | str) -> torch.Tensor:
-        """Every image decoded into one tensor on ``device``: only for small subsets (figures)."""
-        return self[:].to(device)
+    def decode(self) -> torch.Tensor:
+        """Every file decoded, in order: uint8 [N, channels, size, size]."""
+        if not self.files:
+            return torch.empty(self.shape, dtype=torch.uint8)
+        return torch.stack(list(self._pool.map(self._decode_one, self.files)))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
+        """The decoded images on ``device`` (see ``decode``)."""
+        return self.decode().to(device, non_blocking=non_blocking)
+
+
+def batches_of(images: torch.Tensor | ImageFiles, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive uint8 batches ``images[i:i + batch_size]`` of a tensor, or decoded from ``ImageFiles``, where
+    the next batch is decoded while the caller uses this one (evaluation's feature extraction)."""
+    starts = range(0, len(images), batch_size)
+    if isinstance(images, torch.Tensor):
+        yield from (images[i:i + batch_size] for i in starts)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="sslrun-ahead") as ahead:
+        pending = None
+        for i in starts:
+            batch = pending.result() if pending else images[i:i + batch_size].decode()
+            following = images[i + batch_size:i + 2 * batch_size]
+            pending = ahead.submit(following.decode) if len(following) else None
+            yield batch
 
 
 class _EpochBatches(Sampler[list[int]]):

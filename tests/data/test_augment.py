@@ -26,6 +26,7 @@ from sslrun.data.augment import (
     adjust_hue,
     adjust_saturation,
     apply_view,
+    check_views_fit,
     color_jitter,
     gaussian_blur,
     normalize,
@@ -191,6 +192,31 @@ def test_recipe_defaults_validation_and_derived_sizes():
     assert ViewRecipe(size=32).supersample(32, 32) == 1
     assert ViewRecipe(size=18, scale=(0.05, 0.14)).supersample(32, 32) == 1  # local crops are upscaled
     assert ViewRecipe(size=224).supersample(256, 256) == 2
+
+
+@pytest.mark.parametrize("key,value", [("scale", (1.5, 2.0)), ("scale", (0.5, 1.2)), ("scale", (0.9, 0.2)),
+                                       ("scale", (0.0, 1.0)), ("ratio", (-1.0, 1.0)), ("ratio", (2.0, 0.5))])
+def test_crop_scale_and_ratio_outside_their_ranges_are_refused(key, value):
+    # scale is a fraction of the image area: above 1 torchvision's sampler never fits and silently falls back
+    # to the central crop of the whole image, so [1.5, 2] used to train on uncropped images.
+    with pytest.raises(SslrunError, match=f"{key}="):
+        ViewRecipe(**{key: value})
+    ViewRecipe(scale=(0.08, 1.0), ratio=(0.75, 4 / 3))  # the usual values pass
+
+
+def test_view_sizes_larger_than_the_images_warn_in_one_line(caplog):
+    views = OmegaConf.create([{"count": 2, "size": 32}, {"count": 6, "size": 18}, {"count": 0, "size": 99}])
+    with caplog.at_level("WARNING", logger="sslrun.data.augment"):
+        check_views_fit(views, 32)
+    assert caplog.records == []  # equal and smaller sizes, and a recipe with no views, are fine
+    views[1].size = 64
+    with caplog.at_level("WARNING", logger="sslrun.data.augment"):
+        check_views_fit(views, 32)
+    (record,) = caplog.records
+    assert "augmentation.views.1.size=64 is larger than the 32-px images" in record.getMessage()
+    assert "\n" not in record.getMessage()
+    with pytest.raises(SslrunError, match="scale"):
+        check_views_fit([{"scale": [1.5, 2]}], 32)
 
 
 @pytest.mark.parametrize("name", ["simclr", "byol", "minimal", "multicrop"])

@@ -32,7 +32,8 @@ def dataset_config(option: str, **overrides: object) -> dict:
     return {**OmegaConf.to_container(OmegaConf.load(CONF / f"{option}.yaml")), **overrides}
 
 
-OPTIONS = ["cifar10", "cifar100", "stl10", "fashion_mnist", "mnist", "imagefolder", "imagenet", "imagenet100", "synthetic"]
+OPTIONS = ["cifar10", "cifar100", "stl10", "fashion_mnist", "mnist", "imagefolder", "imagenet", "imagenet100",
+           "synthetic"]
 
 
 @pytest.mark.parametrize("option", OPTIONS)
