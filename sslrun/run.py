@@ -24,6 +24,7 @@ from .engine.device import cpu_has_bf16_units, resolve_device, resolve_precision
 from .engine.resume import check_resumable, finished_message
 from .engine.trainer import Pretrainer
 from .errors import SslrunError
+from .eval.adapt import tta_table
 from .eval.evaluate import evaluate
 from .monitor.recorder import write_end_figures
 from .report.expected import judge
@@ -176,6 +177,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
     if main:
         write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         console.print(results_table(metrics, run_dir))
+        if cfg.eval.tta.method != "none":
+            console.print(tta_table(metrics))
     return metrics
 
 
