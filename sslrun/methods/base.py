@@ -106,6 +106,11 @@ class Method(nn.Module):
         """The network the kNN monitor and the final probes evaluate (DINO: the teacher, as in the paper)."""
         return self.backbone
 
+    def finetune_backbone(self) -> nn.Module:
+        """The network fine-tuning starts from (image -> features, with a ``feat_dim``): ``eval_backbone()`` unless
+        a method says otherwise (SimCLR v2: the backbone and the projector's first layer)."""
+        return self.eval_backbone()
+
     def params_to_reset(self) -> list[nn.Parameter]:
         """Parameters ``on_epoch_start`` re-initialised, whose optimizer state (momentum) must be cleared."""
         return []
