@@ -82,7 +82,8 @@ def make_batches(split: ImageSet, dataset_cfg: Mapping[str, Any], batch_size: in
                  seed: int, rank: int = 0, world_size: int = 1) -> TensorBatches | StreamBatches:
     """The batches of ``split`` for training: ``StreamBatches`` when the split is streamed from files
     (``dataset.storage=stream``: its images are ``ImageFiles``), with ``dataset.num_workers`` decoding
-    processes and ``dataset.prefetch`` batches ahead each; otherwise ``TensorBatches``, with the tensor moved
+    processes, ``dataset.prefetch`` batches ahead each, and JPEGs decoded on the device when
+    ``dataset.device_decode`` (nvjpeg on CUDA); otherwise ``TensorBatches``, with the tensor moved
     to ``device`` first when it takes under half the free GPU memory (a batch is then one gather).
 
     Returns an object with ``__len__`` (steps per epoch) and ``epoch(epoch, start=0)``, see ``TensorBatches``.
@@ -91,6 +92,7 @@ def make_batches(split: ImageSet, dataset_cfg: Mapping[str, Any], batch_size: in
 
     if isinstance(split.images, ImageFiles):
         return StreamBatches(split.images, batch_size, device, seed, rank, world_size,
-                             num_workers=dataset_cfg["num_workers"], prefetch=dataset_cfg["prefetch"])
+                             num_workers=dataset_cfg["num_workers"], prefetch=dataset_cfg["prefetch"],
+                             device_decode=dataset_cfg["device_decode"])
     images = split.images.to(device) if fits_on(device, split.images) else split.images
     return TensorBatches(images, batch_size, device, seed, rank, world_size)

@@ -250,6 +250,7 @@ def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple
 
 
 STORAGES = ("memory", "stream")
+BATCH_KEYS = ("prefetch", "device_decode")  # dataset keys read by batches.make_batches, not by a builder
 
 
 def _read_folder(folder: Path, classes: list[str] | None, select: bool, is_train: bool, image_size: int,
@@ -412,7 +413,7 @@ def _limit(images: ImageSet, limit: Any, key: str) -> ImageSet:
 def load_dataset(cfg: DictConfig | Mapping[str, Any]) -> DatasetSplits:
     """Build the dataset described by the ``dataset`` config node, then apply ``limit_train``/``limit_test``.
 
-    The keys ``name``, ``limit_train`` and ``limit_test`` are handled here, ``prefetch`` (streamed folders)
+    The keys ``name``, ``limit_train`` and ``limit_test`` are handled here, ``BATCH_KEYS`` (streamed folders)
     by ``batches.make_batches``; all others go to the builder named by ``_target_``.
     """
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
@@ -424,7 +425,8 @@ def load_dataset(cfg: DictConfig | Mapping[str, Any]) -> DatasetSplits:
         ) from e
     name = kwargs.pop("name", None)
     limit_train, limit_test = kwargs.pop("limit_train", None), kwargs.pop("limit_test", None)
-    kwargs.pop("prefetch", None)
+    for key in BATCH_KEYS:
+        kwargs.pop(key, None)
     try:
         splits = hydra.utils.instantiate(kwargs)
     except InstantiationException as e:

@@ -32,6 +32,7 @@ antialiasing) and center-cropped, as torchvision's ``Resize(size)`` + ``CenterCr
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,25 @@ def decode_pixels(path: str | Path, channels: int) -> torch.Tensor:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UndecodableImage(f"{type(e).__name__}: {e}") from e
+
+
+def device_decodable(path: str | Path) -> torch.Tensor | None:
+    """The file's bytes (uint8 [n]) when a batched decoder on the GPU (nvjpeg, ``decode_jpeg(list,
+    device="cuda")``) gives the image :func:`decode_pixels` would: a JPEG of 1 or 3 components without an EXIF
+    rotation (nvjpeg applies none, and converts CMYK its own way). None for every other file.
+
+    Raises:
+        UndecodableImage: the file cannot be read, or its header cannot be parsed.
+    """
+    try:
+        data = read_file(str(path))
+        if bytes(data[:3].tolist()) != _JPEG_MAGIC:
+            return None
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:  # parses the header only
+            plain = image.mode in ("L", "RGB") and image.getexif().get(0x0112, 1) == 1
+    except (RuntimeError, OSError, SyntaxError) as e:
+        raise UndecodableImage(f"{type(e).__name__}: {e}") from e
+    return data if plain else None
 
 
 def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:

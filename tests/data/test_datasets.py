@@ -25,7 +25,7 @@ from sslrun.data.image_set import DatasetSplits, ImageSet
 from sslrun.errors import SslrunError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
-GENERIC_KEYS = {"_target_", "name", "limit_train", "limit_test", "prefetch"}
+GENERIC_KEYS = {"_target_", "name", "limit_train", "limit_test", "prefetch", "device_decode"}
 
 
 def dataset_config(option: str, **overrides: object) -> dict:

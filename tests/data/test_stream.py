@@ -12,6 +12,7 @@ from PIL import Image
 
 from sslrun.data.batches import TensorBatches, make_batches
 from sslrun.data.datasets import imagefolder, load_dataset
+from sslrun.data.decode import device_decodable
 from sslrun.data.stream import ImageFiles, StreamBatches
 from sslrun.errors import SslrunError
 from sslrun.eval.features import extract_features
@@ -69,7 +70,7 @@ def batches(source, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torc
 
 def test_stream_batches_equal_tensor_batches_for_a_seed(folder: Path) -> None:
     memory, stream = both(folder)
-    cfg = {"num_workers": 1, "prefetch": 2}  # one real worker process
+    cfg = {"num_workers": 1, "prefetch": 2, "device_decode": False}  # one real worker process
     cpu = torch.device("cpu")
     tensor_batches = make_batches(memory.pretrain, cfg, 5, cpu, seed=3)
     stream_batches = make_batches(stream.pretrain, cfg, 5, cpu, seed=3)
@@ -89,7 +90,7 @@ def test_stream_batches_equal_tensor_batches_for_a_seed(folder: Path) -> None:
 def test_ranks_take_disjoint_slices_that_cover_each_batch(folder: Path, streamed: bool) -> None:
     memory, stream = both(folder)
     split = stream.pretrain if streamed else memory.pretrain
-    cfg, cpu = {"num_workers": 0, "prefetch": 2}, torch.device("cpu")
+    cfg, cpu = {"num_workers": 0, "prefetch": 2, "device_decode": False}, torch.device("cpu")
     whole = batches(make_batches(split, cfg, 6, cpu, seed=1), 2)
     shards = [batches(make_batches(split, cfg, 6, cpu, seed=1, rank=r, world_size=2), 2) for r in range(2)]
     for (x, i), (x0, i0), (x1, i1) in zip(whole, *shards):
@@ -116,10 +117,37 @@ def test_a_file_that_fails_to_decode_mid_stream_stops_the_run_naming_it(tmp_path
     (tmp_path / "class1" / "bad.png").write_bytes(b"not a png")
     splits = imagefolder(str(tmp_path), val_fraction=0.4, image_size=SIZE, num_workers=0, storage="stream",
                          mean=[0.5] * 3, std=[0.5] * 3)  # given statistics: loading decodes nothing
-    source = make_batches(splits.pretrain, {"num_workers": 0, "prefetch": 2}, len(splits.pretrain),
-                          torch.device("cpu"), seed=0)
-    with pytest.raises(SslrunError, match=r"class1/bad.png could not be decoded \(UnidentifiedImageError"):
-        batches(source, 0)
+    for device_decode in (False, True):
+        source = make_batches(splits.pretrain, {"num_workers": 0, "prefetch": 2, "device_decode": device_decode},
+                              len(splits.pretrain), torch.device("cpu"), seed=0)
+        with pytest.raises(SslrunError, match=r"class1/bad.png could not be decoded \(UnidentifiedImageError"):
+            batches(source, 0)
+
+
+def test_decoding_on_the_device_gives_the_cpu_path_s_batches(folder: Path) -> None:
+    """The batched device-decode path, run with device cpu (libjpeg where a GPU would use nvjpeg): JPEGs go to
+    one batched decode_jpeg call and are resized there, PNGs are decoded by the workers; pixels equal."""
+    memory, stream = both(folder)
+    cpu = torch.device("cpu")
+    expected = batches(make_batches(memory.pretrain, {}, 6, cpu, seed=2), 0)
+    source = make_batches(stream.pretrain, {"num_workers": 0, "prefetch": 2, "device_decode": True}, 6, cpu, seed=2)
+    for (x, i), (y, j) in zip(expected, batches(source, 0), strict=True):
+        assert torch.equal(i, j) and torch.equal(x, y)
+
+
+def test_only_plain_jpegs_go_to_the_device_decoder(tmp_path: Path) -> None:
+    rgb = Image.new("RGB", (4, 4), (10, 20, 30))
+    rgb.save(tmp_path / "plain.jpg")
+    rgb.save(tmp_path / "plain.png")
+    Image.new("CMYK", (4, 4)).save(tmp_path / "cmyk.jpg")
+    exif = rgb.getexif()
+    exif[0x0112] = 6
+    rgb.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    exif[0x0112] = 1
+    rgb.save(tmp_path / "upright.jpg", exif=exif.tobytes())
+    assert {p.name for p in tmp_path.iterdir() if device_decodable(p) is not None} == {"plain.jpg", "upright.jpg"}
+    assert torch.equal(device_decodable(tmp_path / "plain.jpg"), torch.frombuffer(
+        bytearray((tmp_path / "plain.jpg").read_bytes()), dtype=torch.uint8))
 
 
 def test_limits_keep_a_streamed_split_lazy(folder: Path) -> None:
