@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from ..errors import SslrunError
+from ..methods.base import Method
 
 # Keys of the optimizer group that the engine handles; everything else goes to the optimizer class.
 SCHEDULE_KEYS = ("lr", "weight_decay", "scale_lr", "warmup_epochs", "warmup_start_factor", "min_lr_factor",
@@ -44,6 +48,49 @@ def build_optimizer(cfg: DictConfig, groups: list[dict], batch_size: int) -> tor
                             **({"lars_exclude": True} if excluded and _is_lars(cfg) else {})})
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in SCHEDULE_KEYS}
     return instantiate(kwargs, out, lr=lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class NamedOptimizer:
+    """One of a run's optimizers and the ``optimizer``-group config its lr schedule follows."""
+
+    optimizer: torch.optim.Optimizer
+    cfg: DictConfig
+
+
+def build_optimizers(main_cfg: DictConfig, method: Method, batch_size: int) -> dict[str, NamedOptimizer]:
+    """The run's optimizers by name: ``main`` (the ``optimizer`` group over ``method.param_groups()``, left out
+    when those hold no trainable parameter) and each of ``method.named_optimizers()``.
+
+    Raises:
+        SslrunError: when a method names an optimizer ``main`` or has no trainable parameter at all.
+    """
+    out: dict[str, NamedOptimizer] = {}
+    groups = method.param_groups()
+    if any(p.requires_grad for g in groups for p in g["params"]):
+        out["main"] = NamedOptimizer(build_optimizer(main_cfg, groups, batch_size), main_cfg)
+    for name, (cfg, named_groups) in method.named_optimizers().items():
+        if name == "main":
+            raise SslrunError(f"{type(method).__name__}.named_optimizers() names an optimizer 'main', the name of the "
+                              "one the optimizer group builds; rename it.")
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+        out[name] = NamedOptimizer(build_optimizer(cfg, named_groups, batch_size), cfg)
+    if not out:
+        raise SslrunError(f"{type(method).__name__} has no trainable parameter for any optimizer; check that its "
+                          "param_groups() or named_optimizers() return the networks it trains.")
+    return out
+
+
+def set_schedules(optimizers: dict[str, NamedOptimizer], progress: float, epochs: int) -> float:
+    """Each optimizer's lr at ``progress`` (fraction of the budget) from its own group's warmup and cosine keys;
+    returns the first optimizer's lr (the one the logs show)."""
+    lrs = []
+    for named in optimizers.values():
+        c = named.cfg
+        warmup_frac = min(1.0, c.warmup_epochs / epochs)
+        lrs.append(set_lr(named.optimizer, lr_factor(min(1.0, progress), warmup_frac, c.min_lr_factor,
+                                                     c.warmup_start_factor)))
+    return lrs[0]
 
 
 def _is_lars(cfg: DictConfig) -> bool:
