@@ -488,15 +488,3 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x.float() / 255 - m) / s
-
-
-def resize_center(x: Tensor, size: int) -> Tensor:
-    """Centre square crop of uint8 [N,C,H,W], resized (bilinear, antialiased) to ``size``; uint8."""
-    h, w = x.shape[-2:]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    x = x[..., top : top + side, left : left + side]
-    if side == size:
-        return x
-    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)

@@ -30,7 +30,6 @@ from sslrun.data.augment import (
     color_jitter,
     gaussian_blur,
     normalize,
-    resize_center,
     resized_crop,
     sample_crop_boxes,
     sample_view_params,
@@ -168,15 +167,6 @@ def test_identity_recipe_gives_normalized_input():
     (view,) = vg(x, gen())
     expected = TF.normalize(x.float() / 255, mean, std)
     assert torch.allclose(view, expected, atol=1e-5) and torch.allclose(normalize(x, mean, std), expected, atol=1e-6)
-
-
-def test_resize_center_crops_square_and_resizes():
-    x = torch.randint(0, 256, (2, 3, 40, 60), dtype=torch.uint8, generator=gen())
-    out = resize_center(x, 20)
-    assert out.dtype == torch.uint8 and out.shape == (2, 3, 20, 20)
-    expected = TF.resize(TF.center_crop(x, [40, 40]), [20, 20], antialias=True)
-    assert (out.int() - expected.int()).abs().max() <= 1
-    assert torch.equal(resize_center(x[..., :40], 40), x[..., :40])
 
 
 def test_recipe_defaults_validation_and_derived_sizes():

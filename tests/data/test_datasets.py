@@ -161,7 +161,8 @@ def held_out(splits: DatasetSplits) -> list[int]:
 def test_imagefolder_splits_off_a_stratified_seeded_validation_set(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "train")
     train_dir = str(tmp_path / "train")
-    cfg = dataset_config("imagefolder", train_dir=train_dir, image_size=8, val_fraction=0.25, num_workers=0)
+    cfg = dataset_config("imagefolder", train_dir=train_dir, image_size=8, val_fraction=0.25, num_workers=0,
+                         cache_dir=None)
 
     splits = load_dataset(cfg)
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2 as T
 from PIL import Image
 
 from sslrun.data.datasets import imagefolder
-from sslrun.data.decode import BACKGROUND, UndecodableImage, decode_file, decode_pixels
+from sslrun.data.decode import BACKGROUND, UndecodableImage, decode_file, decode_pixels, resize_center_crop
 
 SIXTEEN = np.array([[0, 257 * 100], [65535, 40000]], dtype=np.uint16)
 SIXTEEN_AS_8 = [[0, 100], [255, 156]]  # round(v * 255 / 65535); 40000 -> 155.6
@@ -133,6 +134,14 @@ def test_decode_file_resizes_the_shorter_side_and_reports_the_stored_size(tmp_pa
     path = save(tmp_path / "w.png", Image.new("RGB", (30, 10), (1, 2, 3)))
     x, stored = decode_file(path, 3, 5)
     assert x.shape == (3, 5, 5) and stored == (10, 30) and x[:, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_resize_center_crop_is_torchvisions_resize_then_center_crop() -> None:
+    x = torch.randint(0, 256, (2, 3, 40, 61), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for size in (20, 33, 64):
+        expected = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)])(x)
+        assert torch.equal(resize_center_crop(x, size), expected)
+    assert torch.equal(resize_center_crop(x[..., :40], 40), x[..., :40])  # already square at the size: as is
 
 
 def test_a_folder_of_16bit_pngs_keeps_its_contrast(tmp_path: Path) -> None:
