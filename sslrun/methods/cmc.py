@@ -22,9 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from .. import dist
 from ..errors import SslrunError
 from .base import FitInfo, Method, TrainState
-from .infonce import concat_all_gather, info_nce, info_nce_in_batch
+from .infonce import info_nce, info_nce_in_batch
 from .lab import rgb_to_lab
 from .membank import MemoryBank
 
@@ -97,6 +98,10 @@ class CMC(Method):
     (``train_CMC.py``, ``NCE/NCEAverage.py``, ``dataset.py: RGB2Lab``).
     """
 
+    num_large_crops = 1      # one crop per image, seen as L and as ab
+    unused_views_ok = True   # the augmentation's second view is unused
+    min_batch_reason = "batch norm needs two or more images per batch, and negatives=batch contrasts with the others"
+
     def __init__(self, backbone: nn.Module, backbone_config: DictConfig, proj_output_dim: int, temperature: float,
                  negatives: str, nce_k: int, bank_momentum: float) -> None:
         super().__init__()
@@ -140,7 +145,8 @@ class CMC(Method):
         z_ab = F.normalize(self.proj_ab(h_ab).float(), dim=1)
         t = self.temperature
         if self.negatives == "batch":
-            loss = info_nce_in_batch(z_l, z_ab, t) + info_nce_in_batch(z_ab, z_l, t)
+            loss = (info_nce_in_batch(z_l, z_ab, t, keys_learn=True)
+                    + info_nce_in_batch(z_ab, z_l, t, keys_learn=True))
         else:
             # Negatives drawn uniformly and shared by the batch, as InstDisc's bank here does.
             noise = torch.randint(len(self.bank_l), (self.nce_k,), device=z_l.device)
@@ -148,8 +154,7 @@ class CMC(Method):
                     + info_nce(z_ab, self.bank_l(index), self.bank_l(noise), t))
             # Banks are updated after the optimizer step (they were inputs of this step's graph), with the global
             # batch so that every process keeps the same banks.
-            self._pending = (concat_all_gather(index), concat_all_gather(z_l.detach()),
-                             concat_all_gather(z_ab.detach()))
+            self._pending = (dist.all_gather(index), dist.all_gather(z_l.detach()), dist.all_gather(z_ab.detach()))
         return {"loss": loss, "z": z_l}
 
     def on_after_step(self, state: TrainState) -> None:

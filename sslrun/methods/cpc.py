@@ -27,12 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import dist
 from ..errors import SslrunError
 from .base import Method
-from .infonce import concat_all_gather, distributed
 from .losses import in_fp32
-
-import torch.distributed as tdist
 
 
 def batchnorm_to_layernorm(module: nn.Module) -> nn.Module:
@@ -149,6 +147,10 @@ class CPCv2(Method):
     Source: Hénaff et al., ICML 2020 (sec. 2.2, 3.1; fig. 2-3) and van den Oord, Li & Vinyals, 2018 (CPC v1, images).
     """
 
+    num_large_crops = 1      # one image per step, cut into patches
+    unused_views_ok = True   # the augmentation's second view is unused
+    min_batch_reason = "its negatives include the patches of the other images of the batch"
+
     def __init__(self, backbone: nn.Module, patch_size: int, patch_stride: int, norm: str, context_blocks: int,
                  context_hidden_dim: int, min_steps: int, max_steps: int, directions: int) -> None:
         super().__init__()
@@ -202,7 +204,7 @@ class CPCv2(Method):
         z = self.patches.grid(views[0])  # one view per image, as in the paper
         preds, targets = self.predictions(z)
         candidates = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        # TODO(dist): the candidates of the other processes with their gradient.
-        offset = tdist.get_rank() * candidates.shape[0] if distributed() else 0
-        loss = cpc_infonce(preds, concat_all_gather(candidates), targets + offset)
+        # Every patch of the global batch is a candidate, with its gradient, as in one process holding the batch.
+        offset = dist.rank() * candidates.shape[0]
+        loss = cpc_infonce(preds, dist.gather_with_grad(candidates), targets + offset)
         return {"loss": loss, "z": z.mean(dim=(2, 3))}

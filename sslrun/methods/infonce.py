@@ -37,14 +37,16 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
 
 
 @in_fp32
-def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, temperature: float, keys_learn: bool = False) -> torch.Tensor:
     """InfoNCE whose negatives are the other keys of the batch: ``k[i]`` is the positive of ``q[i]`` and
     every ``k[j]``, j != i, a negative; averaged over the queries.
 
     Under ``torch.distributed`` the keys of all processes are the candidates, as in MoCo v3's code,
     so the negatives come from the global batch.
     """
-    keys = dist.all_gather(k)  # keys carry no gradient (MoCo v3's come from the momentum encoder)
+    # MoCo v3's keys come from the momentum encoder and carry no gradient; with ``keys_learn`` (CMC, whose two
+    # views both learn) every process's keys keep theirs, as one process holding the global batch would.
+    keys = dist.gather_with_grad(k) if keys_learn else dist.all_gather(k)
     offset = dist.rank() * q.shape[0]
     logits = q @ keys.T / temperature
     targets = torch.arange(q.shape[0], device=q.device) + offset

@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from .base import Method
-from .infonce import concat_all_gather, distributed
 from .losses import in_fp32
-
-import torch.distributed as tdist
 
 
 @in_fp32
@@ -69,6 +67,8 @@ class InvaSpread(Method):
     (``demo_seen.py``, ``BatchAverage.py``).
     """
 
+    min_batch_reason = "the other images of the batch are its negatives"
+
     def __init__(self, backbone: nn.Module, proj_output_dim: int, temperature: float) -> None:
         super().__init__()
         self.backbone = backbone
@@ -79,8 +79,8 @@ class InvaSpread(Method):
         n = views[0].shape[0]
         # Both views in one pass, as the official code concatenates them: rows 0..n-1 and their partners n..2n-1.
         f = F.normalize(self.projector(self.backbone(torch.cat(views[:2]))).float(), dim=1)
-        local = torch.arange(2 * n, device=f.device)
-        offset = tdist.get_rank() * 2 * n if distributed() else 0
-        loss = invaspread_loss(f, concat_all_gather(f), local + offset, (local + n) % (2 * n) + offset,
-                               self.temperature)
+        local = torch.arange(2 * n, device=f.device) + dist.rank() * 2 * n  # rows in the global batch
+        partner = (local + n) % (2 * n) + dist.rank() * 2 * n
+        # The candidates are constants (see the module docstring), so a gather without gradient is exact.
+        loss = invaspread_loss(f, dist.all_gather(f), local, partner, self.temperature)
         return {"loss": loss, "z": f[:n]}

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from ..errors import SslrunError
 from .base import Method, TrainState
 from .heads import mlp
-from .infonce import concat_all_gather
 from .losses import nt_xent
 from .momentum import ema_update, momentum_copy
 from .queue import FeatureQueue
@@ -43,6 +43,8 @@ class SimCLRv2(Method):
     Source: Chen et al., NeurIPS 2020, sec. 2.2 and appendix B; google-research/simclr (tf2).
     """
 
+    min_batch_reason = "the other images of the batch are its negatives"
+
     def __init__(self, backbone: nn.Module, temperature: float, proj_hidden_dim: int, proj_output_dim: int,
                  proj_layers: int, queue_length: int, queue_momentum: float) -> None:
         super().__init__()
@@ -60,6 +62,14 @@ class SimCLRv2(Method):
             self.queue = FeatureQueue(queue_length, proj_output_dim)
         self._new_keys: torch.Tensor | None = None  # this step's memory outputs, queued after the optimizer step
 
+    def check_setup(self, view_sizes: list[int], global_batch: int) -> None:
+        super().check_setup(view_sizes, global_batch)
+        if self.queue is not None and self.queue.data.shape[0] < 2 * global_batch:
+            raise SslrunError(f"SimCLR v2's memory queues both views of every image, {2 * global_batch} rows per step "
+                              f"at trainer.batch_size={global_batch}, but method.queue_length="
+                              f"{self.queue.data.shape[0]}; set method.queue_length to at least {2 * global_batch} "
+                              "(or 0 for no memory).")
+
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         n = views[0].shape[0]
         x = torch.cat(views[:2])
@@ -72,7 +82,7 @@ class SimCLRv2(Method):
         loss = nt_xent(z1, z2, self.temperature, negatives if negatives.shape[0] else None)
         with torch.no_grad():
             keys = F.normalize(self.memory_projector(self.memory_backbone(x)), dim=1)
-        self._new_keys = concat_all_gather(keys)
+        self._new_keys = dist.all_gather(keys)
         return {"loss": loss, "z": z1}
 
     def on_after_step(self, state: TrainState) -> None:
@@ -82,7 +92,7 @@ class SimCLRv2(Method):
         ema_update(self.memory_projector, self.projector, self.queue_momentum)
         # Queued only now, so that no image is its own negative within the step that made it.
         if self._new_keys is not None:
-            self.queue.push(self._new_keys[-self.queue.data.shape[0]:])
+            self.queue.push(self._new_keys)
             self._new_keys = None
 
     def finetune_backbone(self) -> nn.Module:

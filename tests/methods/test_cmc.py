@@ -94,7 +94,7 @@ def test_two_encoders_for_one_and_two_channels_and_a_concatenated_representation
 
 def contrast_reference(q: torch.Tensor, pos: torch.Tensor, cands: list[torch.Tensor], t: float) -> float:
     """-log exp(q.pos/T) / (exp(q.pos/T) + sum_j exp(q.c_j/T)) for one query (the paper's eq. 2)."""
-    q = q.detach()
+    q, pos, cands = q.detach(), pos.detach(), [c.detach() for c in cands]
     s = [float(q @ pos) / t] + [float(q @ c) / t for c in cands]
     return -(s[0] - math.log(sum(math.exp(v) for v in s)))
 
@@ -154,3 +154,9 @@ def test_steps_on_synthetic_views(negatives):
         assert math.isfinite(out["loss"].item())
         assert out["z"].shape == (8, 128)
     assert method.encoder.ab.conv1[0].weight.grad is not None  # both encoders train
+
+
+def test_one_view_per_image_and_a_second_is_ignored():
+    method = build()
+    method.check_setup([32], 8)
+    method.check_setup([32, 32], 8)  # the minimal augmentation's second view is unused

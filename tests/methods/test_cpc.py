@@ -112,7 +112,8 @@ def test_each_prediction_targets_the_patch_k_steps_ahead_in_its_direction():
         moves.add((int(math.copysign(1, dr)) if dr else 0, int(math.copysign(1, dc)) if dc else 0))
     assert moves == {(1, 0), (-1, 0), (0, 1), (0, -1)}  # down (the first direction), up, and both ways across
     _, down_only = probe(1).predictions(z)
-    expected = [b * 25 + (i + k) * 5 + j for k in (2, 3) for b in range(n) for i in range(rows - k) for j in range(cols)]
+    expected = [b * 25 + (i + k) * 5 + j
+                for k in (2, 3) for b in range(n) for i in range(rows - k) for j in range(cols)]
     assert down_only.tolist() == expected
 
 
@@ -151,3 +152,9 @@ def test_steps_on_synthetic_views():
     assert losses[0] == pytest.approx(math.log(4 * 36), rel=0.3)
     out = method([x, x], torch.arange(4))
     assert out["z"].shape == (4, 16)
+
+
+def test_one_view_per_image_and_a_second_is_ignored():
+    method = build()
+    method.check_setup([28], 8)
+    method.check_setup([28, 28], 8)

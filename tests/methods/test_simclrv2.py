@@ -114,3 +114,10 @@ def test_steps_on_synthetic_views():
     state, v = TrainState(), views()
     losses = [engine_step(method, opt, v, state)["loss"].item() for _ in range(3)]
     assert all(math.isfinite(x) for x in losses)
+
+
+def test_a_queue_shorter_than_a_steps_keys_is_refused_before_training():
+    build(queue_length=32).check_setup([16, 16], 16)  # 2 x 16 rows per step fit
+    with pytest.raises(SslrunError, match="queue_length"):
+        build(queue_length=32).check_setup([16, 16], 17)
+    build(queue_length=0).check_setup([16, 16], 256)
