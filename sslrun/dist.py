@@ -190,8 +190,8 @@ class _SumWithGrad(torch.autograd.Function):
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics are taken over the batches of all ranks, on any device
-    (torch's ``nn.SyncBatchNorm`` runs on GPUs only): one differentiable all-reduce of the per-channel
-    count, sum and sum of squares per call. Eval mode and one process are plain batch norm, and the
+    (torch's ``nn.SyncBatchNorm`` runs on GPUs only): differentiable all-reduces of the per-channel
+    count and sum, then of the sum of squared deviations from the global mean. Eval mode and one process are plain batch norm, and the
     state dict is ``nn.BatchNorm*``'s.
     """
 
@@ -202,21 +202,23 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:
             return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
+        dims, c = [0] + list(range(2, x.dim())), x.shape[1]
+        shape = [1, c] + [1] * (x.dim() - 2)
         xf = x.float()
-        count = torch.full((1,), x.numel() / x.shape[1], device=x.device)
-        stats = _SumWithGrad.apply(torch.cat([count, xf.sum(dims), (xf * xf).sum(dims)]))
-        c = x.shape[1]
-        n, mean = stats[0], stats[1:1 + c] / stats[0]
-        var = stats[1 + c:] / n - mean * mean  # biased, as batch norm normalises with
+        count = torch.full((1,), x.numel() / c, device=x.device)
+        stats = _SumWithGrad.apply(torch.cat([count, xf.sum(dims)]))
+        n, mean = stats[0], stats[1:] / stats[0]
+        # Two passes (mean, then squared deviations) rather than E[x^2] - mean^2, which cancels catastrophically
+        # when the mean is large against the spread. Biased, as batch norm normalises with.
+        centred = xf - mean.view(shape)
+        var = _SumWithGrad.apply(centred.square().sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.detach(), m)
                 self.running_var.lerp_(var.detach() * n / (n - 1), m)  # unbiased, as nn.BatchNorm keeps
-        shape = [1, c] + [1] * (x.dim() - 2)
-        out = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        out = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out.to(x.dtype)
@@ -231,7 +233,10 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats)
-        new.load_state_dict(module.state_dict())
+        # The same Parameter and buffer objects, as torch's conversion: a frozen (momentum) copy stays frozen,
+        # and an optimizer built before still holds them.
+        for key, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            setattr(new, key, value)
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -172,7 +172,11 @@ class MoCo(Method):
         else:
             q, k = self._query(views[0]), self._shuffled_keys(views[1])
             loss = info_nce(q, k, negatives, t)
-        self._new_keys = dist.all_gather(k)  # the global batch's keys, queued identically by every process
+        # The global batch's keys, queued identically by every process and in one process's order (each view's
+        # keys for all images, view after view), so that the queue does not depend on the number of processes.
+        d = k.shape[-1]
+        gathered = dist.all_gather(k).view(dist.world_size(), self.views_per_pass, n, d)
+        self._new_keys = gathered.transpose(0, 1).reshape(-1, d)
         return {"loss": loss, "z": q[:n]}
 
     def on_after_step(self, state: TrainState) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from dist.spawn import run_ranks
 from torch import nn
 
 from sslrun import dist
@@ -23,7 +22,8 @@ def batchnorm_step(bn: nn.Module, x: torch.Tensor, w: torch.Tensor) -> tuple[tor
     return loss.detach(), {"x": x.grad, "weight": bn.weight.grad, "bias": bn.bias.grad}
 
 
-def worker() -> dict:
+def collectives() -> dict:
+    """Run on each of the 2 processes (see conftest.py); the test below checks what they return."""
     r, n = dist.rank(), B // N
     x = full_batch()
     rows = slice(r * n, (r + 1) * n)
@@ -51,8 +51,8 @@ def worker() -> dict:
     return out
 
 
-def test_collectives_and_global_batchnorm_in_two_processes():
-    res = run_ranks(__file__, "worker", world_size=N)
+def test_collectives_and_global_batchnorm_in_two_processes(ranks):
+    res = [r["collectives"] for r in ranks]
     x, n = full_batch(), B // N
     assert [o["rank"] for o in res] == [0, 1] and all(o["world"] == N for o in res)
     assert [o["main"] for o in res] == [True, False]
@@ -91,3 +91,12 @@ def test_one_process_is_the_identity():
     bn = dist.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(2)))
     ref = nn.BatchNorm1d(2)
     torch.testing.assert_close(bn(x), ref(x))
+
+
+def test_conversion_keeps_the_parameters_and_a_frozen_copy_frozen():
+    """A momentum encoder's BN must stay without gradient (DDP would wait for one that never comes)."""
+    frozen = nn.BatchNorm1d(2).requires_grad_(False)
+    weight, mean = frozen.weight, frozen.running_mean
+    new = dist.convert_sync_batchnorm(nn.Sequential(frozen))[0]
+    assert isinstance(new, dist.GlobalBatchNorm)
+    assert new.weight is weight and not new.weight.requires_grad and new.running_mean is mean
