@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg
 
 DECODE_VERSION = 1  # part of the decoded-image cache key: bump it when what a file decodes to changes
 BACKGROUND = 255  # transparent pixels are shown on white, as browsers and image viewers show them
@@ -109,24 +109,34 @@ def _to_channels(pixels: np.ndarray, channels: int) -> torch.Tensor:
     return x.expand(channels, -1, -1).contiguous() if x.shape[0] != channels else x
 
 
+def _read(path: str | Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UndecodableImage(f"it could not be read ({e})") from e
+
+
+def _as_tensor(raw: bytes) -> torch.Tensor:
+    """Encoded bytes as the uint8 [n] tensor torchvision's decoders take (a writable copy)."""
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
 def decode_pixels(path: str | Path, channels: int) -> torch.Tensor:
     """The file's pixels as uint8 [channels, H, W] at their stored size (channels 1 = grey, 3 = RGB).
 
     Raises:
         UndecodableImage: the file is not an image either decoder reads, or it has no faithful 8-bit form.
     """
-    try:
-        data = read_file(str(path))
-    except RuntimeError as e:
-        raise UndecodableImage(f"it could not be read ({e})") from e
-    if bytes(data[:3].tolist()) == _JPEG_MAGIC:
+    raw = _read(path)
+    if raw.startswith(_JPEG_MAGIC):
         try:
             mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-            return decode_jpeg(data, mode=mode, apply_exif_orientation=True)
+            return decode_jpeg(_as_tensor(raw), mode=mode, apply_exif_orientation=True)
         except RuntimeError:
             pass  # a JPEG variant libjpeg-turbo refuses (e.g. arithmetic coding): Pillow may read it
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(raw)) as image:
             image.load()
             return _to_channels(pil_pixels(image), channels)
     except UndecodableImage:
@@ -143,15 +153,15 @@ def device_decodable(path: str | Path) -> torch.Tensor | None:
     Raises:
         UndecodableImage: the file cannot be read, or its header cannot be parsed.
     """
+    raw = _read(path)
+    if not raw.startswith(_JPEG_MAGIC):
+        return None
     try:
-        data = read_file(str(path))
-        if bytes(data[:3].tolist()) != _JPEG_MAGIC:
-            return None
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:  # parses the header only
+        with Image.open(io.BytesIO(raw)) as image:  # parses the header only
             plain = image.mode in ("L", "RGB") and image.getexif().get(0x0112, 1) == 1
-    except (RuntimeError, OSError, SyntaxError) as e:
+    except (OSError, SyntaxError) as e:
         raise UndecodableImage(f"{type(e).__name__}: {e}") from e
-    return data if plain else None
+    return _as_tensor(raw) if plain else None
 
 
 def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
