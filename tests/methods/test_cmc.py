@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from runner import engine_step, method_config
+from runner import FAST, engine_step, method_config, read_metrics, sslrun
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.errors import SslrunError
@@ -160,3 +160,17 @@ def test_one_view_per_image_and_a_second_is_ignored():
     method = build()
     method.check_setup([32], 8)
     method.check_setup([32, 32], 8)  # the minimal augmentation's second view is unused
+
+
+@pytest.mark.slow
+def test_end_to_end_run_and_grayscale_refusal(tmp_path):
+    # The CLI path: ${backbone} built twice from the config, the views' normalisation handed over in FitInfo, the
+    # probes on the concatenated Lab encoders. On grayscale data: one paragraph and exit 2, before training.
+    fast = [a for a in FAST if not a.startswith("method.proj_hidden_dim")] + ["method.nce_k=64"]
+    sslrun("method=cmc", *fast, f"hydra.run.dir={tmp_path / 'rgb'}")
+    metrics = read_metrics(tmp_path / "rgb")
+    assert metrics["knn_top1"] > 0.2  # 10 synthetic classes: chance is 0.1
+    proc = sslrun("method=cmc", *fast, "dataset.channels=1", f"hydra.run.dir={tmp_path / 'gray'}", check=False)
+    assert proc.returncode == 2
+    assert "Lab colour space, which needs RGB" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
