@@ -84,7 +84,7 @@ def world_size() -> int:
 
 def local_rank() -> int:
     """This process's rank on its node (the GPU it drives)."""
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
@@ -99,13 +99,13 @@ def barrier() -> None:
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         out = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
         tdist.all_gather(out, x.contiguous())
         return torch.cat(out)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         # Every rank's loss may depend on this rank's rows: their gradients are summed, then this
         # rank's slice is kept. With DDP's averaging of parameter gradients over N ranks, each
         # parameter then gets the gradient of the mean of the ranks' losses.
@@ -176,13 +176,13 @@ def destroy() -> None:
 
 class _SumWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
         tdist.all_reduce(out)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
         tdist.all_reduce(grad)  # every rank's output depended on this rank's input
         return grad

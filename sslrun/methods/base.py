@@ -16,7 +16,6 @@ from torch import nn
 from .. import dist
 from .requirements import check_batch, check_views
 
-
 # ``step(name, loss)``: backpropagate ``loss`` and step optimizer ``name`` (see ``Method.training_step``).
 StepFn = Callable[[str, torch.Tensor], None]
 

@@ -13,14 +13,6 @@ import torch.nn.functional as F
 from .. import dist
 from .losses import in_fp32
 
-# Kept for the methods that still import them from here (InvaSpread, SimCLR v2); new code calls sslrun.dist.
-concat_all_gather = dist.all_gather
-
-
-def distributed() -> bool:
-    """Whether this process is one of several (``sslrun.dist.world_size() > 1``)."""
-    return dist.world_size() > 1
-
 
 @in_fp32
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SslrunError
 from .. import dist
+from ..errors import SslrunError
 from .base import FitInfo, Method, TrainState
 from .losses import in_fp32
 from .membank import MemoryBank
