@@ -123,6 +123,7 @@ class Pretrainer:
             "method": self.method.state_dict(), "backbone": self.method.eval_backbone().state_dict(),
             "optimizer": self.optimizer.state_dict(), "state": asdict(self.state),
             "seconds": self._elapsed(), "monitor": self.monitor.state_dict(), "rng": _rng_states(self.aug_gen),
+            "epoch_start": self._epoch_start,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }, self.ckpt_path)
 
@@ -227,7 +228,13 @@ class Pretrainer:
                                          t.epochs, self._map_dataset, labels=self.splits.pretrain.labels,
                                          mean=self.splits.mean, std=self.splits.std))
         self._t0 = time.perf_counter()
+        self._epoch_start = asdict(self.state)  # the state on_epoch_start last saw
         if self.resume is not None:
+            if self.resume["state"]["step"] % self.steps_per_epoch and "epoch_start" in self.resume:
+                # Resumed mid-epoch: the hook's derived settings (DINO's teacher temperature) are set again as
+                # at that epoch's start; whatever tensors it computed are then overwritten by the checkpoint's.
+                self._epoch_start = self.resume["epoch_start"]
+                self.method.on_epoch_start(TrainState(**self._epoch_start))
             self._load(self.resume)
         self.monitor.restart_clock()
         self.method.train()
@@ -239,6 +246,7 @@ class Pretrainer:
             while self.state.epoch < t.epochs and stopped_by is None:
                 start = self.state.step - self.state.epoch * self.steps_per_epoch  # > 0 when resumed mid-epoch
                 if start == 0:
+                    self._epoch_start = asdict(self.state)
                     self.method.on_epoch_start(self.state)
                     for p in self.method.params_to_reset():
                         self.optimizer.state.pop(p, None)

@@ -67,14 +67,18 @@ class DeepCluster(Method):
         self.num_clusters, self.pca_dim, self.recluster_every = num_clusters, pca_dim, recluster_every
         self.balance_classes, self.head_init_std = balance_classes, head_init_std
         self.kmeans_iters, self.kmeans_max_points = kmeans_iters, kmeans_max_points_per_centroid
-        # Recomputed at every clustering epoch (and after a resume), so not kept in checkpoints.
-        self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("sample_weights", torch.zeros(0), persistent=False)
+        # Kept in checkpoints (sized at on_fit_start): a run resumed mid-epoch must train on the labels its
+        # epoch started with, not on a clustering of the weights it had when it stopped.
+        self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("sample_weights", torch.zeros(0))
+        self.register_buffer("clustered", torch.tensor(False))
         self._map_dataset: MapDataset | None = None
         self.reset_classifier()
 
     def on_fit_start(self, info: FitInfo) -> None:
         self._map_dataset = info.map_dataset
+        self.pseudo_labels = torch.zeros(info.num_samples, dtype=torch.long, device=self.pseudo_labels.device)
+        self.sample_weights = torch.zeros(info.num_samples, device=self.sample_weights.device)
 
     def params_to_reset(self) -> list[nn.Parameter]:
         # The official code builds a fresh optimizer for the new top layer: no momentum carries over.
@@ -99,10 +103,11 @@ class DeepCluster(Method):
         self.pseudo_labels = labels
         self.sample_weights = (balanced_weights(labels, self.num_clusters) if self.balance_classes
                                else torch.ones(labels.shape[0], device=labels.device))
+        self.clustered.fill_(True)
         self.reset_classifier()
 
     def on_epoch_start(self, state: TrainState) -> None:
-        if self.pseudo_labels.numel() and state.epoch % self.recluster_every:
+        if self.clustered and state.epoch % self.recluster_every:
             return
         self.assign(encode_dataset(self._map_dataset, self.backbone, self.backbone), seed=state.epoch)
 

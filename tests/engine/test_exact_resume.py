@@ -20,12 +20,29 @@ METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 STOP_AT = 6  # of 2 epochs x 4 steps: mid-epoch, after the epoch-1 checkpoint
 
 
-def tiny(method: str) -> list[str]:
+SIZE_WORDS = ("dim", "queue", "prototypes", "nce_k", "pcl_r", "clusters", "length")
+
+
+def shrink(node) -> None:
+    """Every head width, queue, bank and cluster count of the method made small (the test is about state, not
+    scale): ints of 64 or more under keys naming a size become 32."""
+    for key in list(node.keys()):
+        value = node[key]
+        if any(w in str(key) for w in SIZE_WORDS):
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 64:
+                node[key] = 32
+            elif OmegaConf.is_list(value):
+                node[key] = [min(v, 32) if isinstance(v, int) else v for v in value]
+
+
+def tiny(method: str):
     has_proj = "proj_hidden_dim" in OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml").get("method", {})
     fast = [o for o in FAST if has_proj or not o.startswith("method.proj_hidden_dim")]
-    return [*fast, f"method={method}", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16",
-            "trainer.epochs=2", "trainer.checkpoint_every=1", "eval.knn.enabled=false",
-            "eval.linear.enabled=false", "monitor.figures.enabled=false", "monitor.knn_every=0"]
+    cfg = compose(*fast, f"method={method}", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16",
+                  "trainer.epochs=2", "trainer.checkpoint_every=1", "eval.knn.enabled=false",
+                  "eval.linear.enabled=false", "monitor.figures.enabled=false", "monitor.knn_every=0")
+    shrink(cfg.method)
+    return cfg
 
 
 def final_state(run_dir):
@@ -34,7 +51,7 @@ def final_state(run_dir):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_signal_then_resume_equals_uninterrupted(method, tmp_path, monkeypatch):
-    cfg = compose(*tiny(method))
+    cfg = tiny(method)
     quiet = Console(quiet=True)
     run(cfg, tmp_path / "straight", console=quiet)
 

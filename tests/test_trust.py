@@ -1,0 +1,152 @@
+"""Issue 8's faults, replayed through the command as a user runs it: no wrong answer with exit 0, no lost work.
+
+Each test here failed before its fix: a rerun into a finished run directory reported the old run's numbers, a
+changed lr was "resumed", two runs shared a directory, eval.only dropped dataset overrides, SIGTERM and Ctrl-C
+lost the work since the last checkpoint, and Hydra's own config errors exited 1.
+"""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from runner import FAST, ROOT, read_metrics, sslrun
+
+from sslrun.checkpoint import save_checkpoint
+from sslrun.cli import explain
+
+LONG = [*FAST, "method=simclr", "dataset.num_train=1024", "trainer.epochs=4", "monitor.figures.enabled=false"]
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sslrun.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_training(proc: subprocess.Popen) -> None:
+    """Block until the run prints its first progress line (a step has been taken)."""
+    for line in proc.stdout:
+        if line.startswith("epoch "):
+            return
+    raise AssertionError(f"the run ended before training: {proc.wait()} {proc.stderr.read()}")
+
+
+@pytest.mark.slow
+def test_rerun_into_a_finished_run_or_with_a_changed_lr_is_refused(tmp_path):
+    sslrun(*FAST, "method=simclr", f"hydra.run.dir={tmp_path}")
+    before = (tmp_path / "metrics.json").read_text()
+    same = sslrun(*FAST, "method=simclr", f"hydra.run.dir={tmp_path}", check=False)
+    assert same.returncode == 2 and "finished run" in same.stderr and "Traceback" not in same.stderr
+    lr = sslrun(*FAST, "method=simclr", "optimizer.lr=0.5", f"hydra.run.dir={tmp_path}", check=False)
+    assert lr.returncode == 2 and "optimizer.lr" in lr.stderr and "trainer.resume_force" in lr.stderr
+    assert (tmp_path / "metrics.json").read_text() == before  # the first run's results are untouched
+    assert OmegaConf.load(tmp_path / ".hydra" / "overrides.yaml") == OmegaConf.create([*FAST, "method=simclr"])
+
+
+@pytest.mark.slow
+def test_a_sweep_into_an_old_sweep_directory_does_not_report_the_old_runs(tmp_path):
+    sslrun("-m", *FAST, "method=simclr", "optimizer.lr=0.05", f"hydra.sweep.dir={tmp_path}")
+    old = read_metrics(tmp_path / "0")
+    proc = sslrun("-m", *FAST, "method=simclr", "optimizer.lr=0.5", f"hydra.sweep.dir={tmp_path}", check=False)
+    assert "optimizer.lr" in proc.stderr  # the job was refused, naming the key
+    assert read_metrics(tmp_path / "0") == old
+    assert OmegaConf.load(tmp_path / "0" / ".hydra" / "config.yaml").optimizer.lr == 0.05
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_busy_directory_is_refused(tmp_path):
+    first = start(*LONG, f"hydra.run.dir={tmp_path}")
+    try:
+        wait_for_training(first)
+        second = sslrun(*FAST, "method=byol", f"hydra.run.dir={tmp_path}", check=False)
+        assert second.returncode == 2 and "Another sslrun run" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    cfg = OmegaConf.load(tmp_path / ".hydra" / "config.yaml")
+    assert cfg.method._target_.endswith("SimCLR")  # the refused run wrote nothing into the directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_checkpoint_and_the_rerun_continues(sig, code, tmp_path):
+    proc = start(*LONG, f"hydra.run.dir={tmp_path}")
+    wait_for_training(proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and "Traceback" not in err
+    ck = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert 0 < ck["state"]["step"] < 4 * 16  # saved where it stopped, mid-run
+    again = sslrun(*LONG, f"hydra.run.dir={tmp_path}")
+    assert f"Resumed at epoch {ck['state']['epoch']}, step {ck['state']['step']}" in again.stdout
+    m = read_metrics(tmp_path)
+    assert m["steps"] == 4 * 16 and m["eval_seconds"] >= 0 and m["imgs_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_rerun_equals_the_uninterrupted_run(tmp_path):
+    args = [*LONG, "trainer.epochs=3", "trainer.checkpoint_every=1", "eval.linear.enabled=false"]
+    sslrun(*args, f"hydra.run.dir={tmp_path / 'straight'}")
+    killed = tmp_path / "killed"
+    for delay in (0.0, 0.7):  # two kills at different moments of the same run
+        proc = start(*args, f"hydra.run.dir={killed}")
+        ckpt = killed / "checkpoints" / "last.pt"
+        deadline = time.time() + 120
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+    sslrun(*args, f"hydra.run.dir={killed}")
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=False) for d in (tmp_path / "straight", killed))
+    assert a["state"] == b["state"]
+    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
+    assert read_metrics(killed)["knn_top1"] == read_metrics(tmp_path / "straight")["knn_top1"]
+
+
+@pytest.mark.slow
+def test_eval_only_merges_dataset_overrides_and_matches_the_training_run(tmp_path):
+    train = tmp_path / "train"
+    sslrun(*FAST, "method=simclr", f"hydra.run.dir={train}")
+    ckpt = train / "checkpoints" / "last.pt"
+    same = tmp_path / "same"
+    sslrun("eval.only=true", f"eval.checkpoint={ckpt}", "eval.linear.epochs=3", f"hydra.run.dir={same}")
+    assert read_metrics(same)["linear_top1"] == read_metrics(train)["linear_top1"]
+    limited = tmp_path / "limited"
+    sslrun("eval.only=true", f"eval.checkpoint={ckpt}", "dataset.limit_test=100", f"hydra.run.dir={limited}")
+    used = OmegaConf.load(limited / ".hydra" / "config.yaml")
+    assert used.dataset.name == "synthetic" and used.dataset.limit_test == 100 and used.dataset.num_train == 256
+    assert read_metrics(limited)["dataset"] == "synthetic"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--no-such-flag"], ["unrecognized arguments"]),
+    (["trainer.epoch=3"], ["trainer.epoch"]),
+    (["+trainer.epoch=3"], ["trainer.epoch", "Did you mean trainer.epochs"]),
+])
+def test_config_errors_exit_2_and_leave_no_run_directory(args, words, tmp_path):
+    proc = sslrun(*FAST, *args, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2
+    for w in words:
+        assert w in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_and_memory_failures_are_explained_and_leave_no_temp_file(tmp_path, monkeypatch):
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "last.pt"))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as e:
+        save_checkpoint({"backbone": {}}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []  # no .last.pt.tmp left behind
+    assert "disk is full" in explain(e.value)
+    assert "read-only" in explain(OSError(errno.EROFS, "Read-only file system"))
+    assert "trainer.batch_size" in explain(MemoryError())
+    assert explain(ValueError("a bug")) is None  # bugs keep their traceback
