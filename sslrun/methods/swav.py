@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ..errors import SslrunError
 from .base import Method, TrainState
 from .heads import mlp
 from .losses import in_fp32
@@ -71,6 +72,14 @@ class SwAV(Method):
         self._epoch = 0
         self._queue_full = False  # cached: a full queue stays full, so its fill level is read only while filling
         self._to_push: torch.Tensor | None = None
+
+    def check_setup(self, view_sizes: list[int], global_batch: int) -> None:
+        super().check_setup(view_sizes, global_batch)
+        length = self.queues[0].data.shape[0] if len(self.queues) else 0
+        if 0 < length < global_batch:
+            raise SslrunError(f"SwAV's queue keeps the large crops of past batches, but method.queue_length={length} "
+                              f"is shorter than one batch (trainer.batch_size={global_batch}); set method.queue_length "
+                              f"to a multiple of {global_batch} (the paper: 3840 at batch 256), or 0 for no queue.")
 
     # ---- forward -----------------------------------------------------------------------------
     @in_fp32

@@ -45,7 +45,8 @@ CASES: dict[str, tuple[dict, bool]] = {
     "instdisc_softmax": ({"proj_output_dim": 8, "loss": "softmax", "nce_k": None}, False),
 }
 # Batch norm in the backbone too: with global BN the processes agree; without it they do not.
-BN_CASES = {"simclr_cnn_syncbn": ("simclr", True), "simclr_cnn_local_bn": ("simclr", False)}
+BN_CASES = {"simclr_cnn_syncbn": ("simclr", True), "simclr_cnn_local_bn": ("simclr", False),
+            "mocov2_shuffle_bn": ("mocov2", False)}  # MoCo's Shuffle-BN: local BN on purpose
 
 
 class TinyConvNet(nn.Module):

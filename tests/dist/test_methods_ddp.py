@@ -12,7 +12,7 @@ from __future__ import annotations
 import faiss
 import pytest
 import torch
-from dist.cases import BN_CASES, CASES, STEPS, run_case
+from dist.cases import B, BN_CASES, CASES, STEPS, build, global_batch, run_case
 
 # fp32 sums in another order (2 processes of 1 thread against 1 process) differ in the last bits; batch norm
 # over 8 images and Barlow Twins' squared correlations magnify that to ~1e-5 of a tensor's largest entry.
@@ -65,4 +65,20 @@ def test_without_global_batchnorm_the_processes_differ(ranks, one_thread):
     loss_gap = abs(sum(p["loss"][0] for p in procs) / 2 - ref["loss"][0])
     grad_gap = max((procs[0]["grads"][0][n] - g).abs().max() for n, g in ref["grads"][0].items())
     assert loss_gap > 1e-3 and grad_gap > 1e-3
-    assert set(BN_CASES) == {"simclr_cnn_syncbn", "simclr_cnn_local_bn"}
+
+
+def test_moco_shuffle_bn_encodes_the_keys_in_random_halves_of_the_global_batch(ranks, one_thread):
+    """MoCo's Shuffle-BN across processes (He et al., 2020, sec. 3.3): each process's key encoder normalises a
+    random half of the global key batch (one permutation, drawn on rank 0 and broadcast), and every process
+    queues all keys in batch order. Rebuilt here: the permutation from the same seed, BN over each half."""
+    method, _ = build("mocov2_shuffle_bn")
+    views, _ = global_batch("mocov2_shuffle_bn", 0)
+    torch.manual_seed(2)  # run_case's seed before the first step; the permutation is its first draw
+    perm = torch.randperm(B)
+    with torch.no_grad():
+        halves = [method._key(views[1][perm[h * B // 2:(h + 1) * B // 2]]) for h in range(2)]
+    keys = torch.cat(halves)[torch.argsort(perm)]
+    for r in ranks:  # the queue's first B rows are the first step's keys
+        assert_close(r["mocov2_shuffle_bn"]["state"]["queue.data"][:B], keys, "queued keys")
+    with torch.no_grad():  # not what one process's BN over the whole batch gives
+        assert (method._key(views[1]) - keys).abs().max() > 1e-3

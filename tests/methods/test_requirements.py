@@ -107,3 +107,10 @@ def test_moco_checks_its_queue_and_split_batchnorm_against_the_batch():
     for batch in (8, 20):  # 8 groups of 1; 20 does not split into 8 groups
         with pytest.raises(SslrunError, match=r"method\.bn_splits=8 groups of 2 or more.*multiple of 16"):
             method.check_setup(sizes, batch)
+
+
+def test_swav_queue_must_hold_a_batch():
+    method, sizes = build("method=swav", "method.queue_length=64")
+    method.check_setup(sizes, 64)
+    with pytest.raises(SslrunError, match=r"method\.queue_length=64.*trainer\.batch_size=128"):
+        method.check_setup(sizes, 128)
