@@ -12,7 +12,7 @@ from __future__ import annotations
 import faiss
 import pytest
 import torch
-from dist.cases import B, BN_CASES, CASES, STEPS, build, global_batch, run_case
+from dist.cases import CASES, STEPS, B, build, global_batch, run_case
 
 # fp32 sums in another order (2 processes of 1 thread against 1 process) differ in the last bits; batch norm
 # over 8 images and Barlow Twins' squared correlations magnify that to ~1e-5 of a tensor's largest entry.
