@@ -6,6 +6,14 @@ and reads the same in one process and under DDP. Nothing else in sslrun imports 
 Start-up (:func:`init_from_env`) reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT) or, inside a SLURM job step launched by ``srun`` without torchrun, SLURM's (SLURM_PROCID,
 SLURM_NTASKS, SLURM_LOCALID, the first host of SLURM_JOB_NODELIST). Backend: NCCL on CUDA, gloo on CPU.
+
+Batch norm under DDP: each process normalises over its own share of the batch unless the method's BN is
+converted (``trainer.sync_batchnorm=true``: :func:`convert_sync_batchnorm`). Losses that need global batch
+statistics gather them themselves (Barlow Twins' standardisation, NT-Xent's negatives, Sinkhorn's sums,
+DINO's centre), but BN inside the backbone and heads does not: without conversion, N processes at global
+batch B are not one process at batch B (tests/dist measures the gap: SimCLR's loss and gradients move by
+more than 1e-3 at B=8), which is how the papers' multi-GPU runs trained, except MoCo v3 (SyncBN) and
+SwAV/DINO with BN heads (SyncBN). MoCo v1/v2 and PCL need per-process BN (Shuffle-BN) and refuse conversion.
 """
 
 from __future__ import annotations
