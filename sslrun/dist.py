@@ -12,8 +12,9 @@ converted (``trainer.sync_batchnorm=true``: :func:`convert_sync_batchnorm`). Los
 statistics gather them themselves (Barlow Twins' standardisation, NT-Xent's negatives, Sinkhorn's sums,
 DINO's centre), but BN inside the backbone and heads does not: without conversion, N processes at global
 batch B are not one process at batch B (tests/dist measures the gap: SimCLR's loss and gradients move by
-more than 1e-3 at B=8), which is how the papers' multi-GPU runs trained, except MoCo v3 (SyncBN) and
-SwAV/DINO with BN heads (SyncBN). MoCo v1/v2 and PCL need per-process BN (Shuffle-BN) and refuse conversion.
+more than 1e-3 at B=8). Most papers' multi-device runs synchronised BN (SimCLR's global BN; the official
+SimSiam, Barlow Twins, SwAV, DINO and MoCo v3 code convert to SyncBatchNorm); MoCo v1/v2 and PCL need
+per-process BN (Shuffle-BN) and refuse conversion.
 """
 
 from __future__ import annotations
