@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from . import dist
 from .checkpoint import load_checkpoint, write_text_atomic
 from .config_check import check_against_data, check_config
+from .data.augment import check_views_fit
 from .data.datasets import load_dataset
 from .engine.device import cpu_has_bf16_units, resolve_device, resolve_precision
 from .engine.resume import check_resumable, finished_message
@@ -26,6 +27,8 @@ from .engine.trainer import Pretrainer
 from .errors import SslrunError
 from .eval.adapt import tta_table
 from .eval.evaluate import evaluate
+from .eval.finetune import finetune_eval
+from .eval.zero_shot import zero_shot_eval
 from .monitor.recorder import write_end_figures
 from .report.expected import judge
 
@@ -127,6 +130,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
                       "trainer.precision=bf16 trains 1.5-1.8x faster." if autocast_dtype is None and
                       cpu_has_bf16_units() else "") + "[/dim]")
     splits = load_dataset(cfg.dataset)
+    if splits.num_classes == 0:
+        cfg = _without_label_probes(cfg, console)
     _warn_clamped(cfg, len(splits.train), console)
     backbone = _build(cfg.backbone, "backbone")
     metrics: dict = {"device": device_name(device), "dataset": cfg.dataset.get("name", "?"),
@@ -149,6 +154,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
             check_against_data(cfg, len(splits.pretrain))
             method = _build(cfg.method, "method", backbone=backbone)
             augment = _build(cfg.augmentation, "augmentation", mean=splits.mean, std=splits.std)
+            check_views_fit(cfg.augmentation.views, splits.image_size)
+            method.check_setup([r.out_size(splits.image_size) for r in augment.recipes for _ in range(r.count)],
+                               cfg.trainer.batch_size)
             if resume is not None:
                 console.print(f"Resuming {resume_path}.")
             trainer = Pretrainer(method, augment, splits, cfg, device, autocast_dtype, run_dir, writer, console,
@@ -163,6 +171,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
         t_eval = time.perf_counter()
         results = evaluate(backbone, splits, cfg.eval, device, autocast_dtype, seed=cfg.trainer.seed,
                            classifier=classifier)
+        if dist.is_main():  # zero-shot needs the method's text tower: eval.only (a backbone checkpoint) skips it
+            if ck is None:
+                results.update(zero_shot_eval(method, splits, cfg.eval, device, autocast_dtype))
+            if cfg.eval.finetune.enabled:
+                shares = ", ".join(f"{f:.0%}" for f in cfg.eval.finetune.fractions)
+                console.print(f"Fine-tuning on {shares} of the labels...")
+                net = method.finetune_backbone() if ck is None else backbone
+                results.update(finetune_eval(net, splits, cfg.eval.finetune, device, autocast_dtype))
         for key, value in results.items():
             writer.add_scalar(f"eval/{key}", value, metrics.get("steps", 0))
         metrics["eval_seconds"] = round(time.perf_counter() - t_eval, 1)
@@ -180,6 +196,19 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
         if cfg.eval.tta.method != "none":
             console.print(tta_table(metrics))
     return metrics
+
+
+def _without_label_probes(cfg: DictConfig, console: Console) -> DictConfig:
+    """The config for a dataset without class labels (image-caption pairs without a label column)."""
+    console.print("[yellow]The dataset has no class labels: the kNN monitor, the kNN and linear probes, fine-tuning, "
+                  "zero-shot classification and the figures are skipped.[/yellow]")
+    cfg = cfg.copy()
+    for key in ("monitor.knn_every", "monitor.knn_every_steps"):
+        OmegaConf.update(cfg, key, 0)
+    for key in ("eval.knn.enabled", "eval.linear.enabled", "eval.finetune.enabled", "eval.zero_shot.enabled",
+                "monitor.figures.enabled"):
+        OmegaConf.update(cfg, key, False)
+    return cfg
 
 
 class _NoWriter:
@@ -209,8 +238,9 @@ def results_table(metrics: dict, run_dir: Path) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     trivial_top5 = metrics.get("num_classes", 10) <= 5
-    for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "classifier_top1", "epochs", "seconds",
-                "imgs_per_s", "device"):
+    finetune = sorted((k for k in metrics if k.startswith("finetune_")), key=lambda k: float(k.split("_")[1][:-3]))
+    for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "classifier_top1", "zeroshot_top1",
+                "zeroshot_top5", *finetune, "epochs", "seconds", "imgs_per_s", "device"):
         if key in metrics:
             value = metrics[key]
             text = f"{value:.4f}" if isinstance(value, float) and key.endswith(("1", "5")) else str(value)

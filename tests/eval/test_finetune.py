@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from runner import FAST, read_metrics, sslrun
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.data.datasets import synthetic
@@ -63,3 +64,17 @@ def test_mismatched_epochs_are_refused():
     with pytest.raises(SslrunError, match="one epoch count per fraction"):
         finetune_eval(SmallCNN(in_channels=1, width=4, feat_dim=8), splits, finetune_cfg(epochs=[1]),
                       torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_a_run_reports_finetuning_beside_the_probes_of_the_pretrained_backbone(tmp_path):
+    common = [*FAST, "monitor.figures.enabled=false", "eval.finetune.batch_size=32"]
+    sslrun(*common, f"hydra.run.dir={tmp_path / 'off'}")
+    sslrun(*common, "eval.finetune.enabled=true", "eval.finetune.fractions=[0.1,0.5]", "eval.finetune.epochs=[1,2]",
+           f"hydra.run.dir={tmp_path / 'on'}")
+    off, on = read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on")
+    for key in ("finetune_10pct_top1", "finetune_10pct_top5", "finetune_50pct_top1", "finetune_50pct_top5"):
+        assert 0.0 <= on[key] <= 1.0
+    assert not any(k.startswith("finetune_") for k in off)
+    # Fine-tuning runs after the probes, on a copy: they see the same pretrained backbone either way.
+    assert (on["knn_top1"], on["linear_top1"]) == (off["knn_top1"], off["linear_top1"])
