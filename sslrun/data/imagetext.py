@@ -106,8 +106,8 @@ def read_pairs(path: Path, format: str, separator: str | None, image_key: str, c
     missing = [k for k in (image_key, caption_key) if k not in keys]
     if missing:
         which = "keys" if jsonl else "columns"
-        raise SslrunError(f"{path} has no {' or '.join(map(repr, missing))} {which} (it has: {', '.join(keys) or 'none'}):"
-                          f" set dataset.image_key and dataset.caption_key to the {which} holding the image path and "
+        raise SslrunError(f"{path} has no {' or '.join(map(repr, missing))} {which} (it has: "
+                          f"{', '.join(keys) or 'none'}): set dataset.image_key and dataset.caption_key to the {which} holding the image path and "
                           "the caption.")
     if not rows:
         raise SslrunError(f"{path} lists no images.")
@@ -178,7 +178,8 @@ def imagetext(train_file: str, test_file: str | None, image_root: str | None, fo
         test = _decode(parsed[1], classes, listings[1], channels, image_size, num_workers)
     else:
         if not 0 < val_fraction < 1:
-            raise SslrunError(f"dataset.val_fraction={val_fraction} must be between 0 and 1 (or set dataset.test_file).")
+            raise SslrunError(f"dataset.val_fraction={val_fraction} must be between 0 and 1 "
+                              "(or set dataset.test_file).")
         keep, held_out = _stratified_split(train.labels, val_fraction, seed)  # -1 everywhere: a plain random split
         if len(held_out) == 0 or len(keep) == 0:
             raise SslrunError(f"dataset.val_fraction={val_fraction} leaves an empty split of {len(train)} pairs: "

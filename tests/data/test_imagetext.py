@@ -71,9 +71,8 @@ def test_open_clip_tsv_without_labels_held_out_split_and_limit_keep_the_pairs(tm
 
 def test_jsonl_with_its_own_keys_and_an_image_root(tmp_path):
     rows = write_images(tmp_path / "pics", 4)
-    with open(tmp_path / "pairs.jsonl", "w") as f:
-        for file, value, name in rows:
-            f.write(json.dumps({"image": file, "text": f"grey {value}, a {name}", "cls": name}) + "\n\n")
+    lines = [json.dumps({"image": file, "text": f"grey {value}, a {name}", "cls": name}) for file, value, name in rows]
+    (tmp_path / "pairs.jsonl").write_text("\n\n".join(lines) + "\n")  # blank lines are skipped
     splits = load(train_file=str(tmp_path / "pairs.jsonl"), test_file=str(tmp_path / "pairs.jsonl"),
                   image_root=str(tmp_path / "pics"), image_key="image", caption_key="text", label_key="cls")
     assert splits.test.captions == ["grey 0, a cat", "grey 10, a dog", "grey 20, a ship", "grey 30, a cat"]
