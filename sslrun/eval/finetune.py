@@ -76,15 +76,18 @@ class _Classifier(nn.Module):
         return self.head(self.trunk(x))
 
 
-def _optimizer(model: nn.Module, cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
-    # Biases and norm scales (1-d) skip weight decay and LARS' adaptation, as in the pretraining optimizers.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+def _optimizer(model: _Classifier, cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    # As the official LARS (model_util.get_optimizer: exclude_from_weight_decay=['batch_normalization', 'bias',
+    # 'head_supervised'], which also excludes them from the adaptation): the new classifier, biases and norm
+    # scales (1-d) take plain momentum steps without weight decay. A zero-initialised head under LARS' trust
+    # ratio would barely move.
+    decay = [p for p in model.trunk.parameters() if p.ndim > 1]
+    plain = [p for p in model.trunk.parameters() if p.ndim <= 1] + list(model.head.parameters())
     if cfg.optimizer == "lars":
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+        groups = [{"params": decay}, {"params": plain, "weight_decay": 0.0, "lars_exclude": True}]
         return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     if cfg.optimizer == "sgd":
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay}, {"params": plain, "weight_decay": 0.0}]
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     raise SslrunError(f"eval.finetune.optimizer={cfg.optimizer!r} is not a valid choice; use one of: lars, sgd.")
 
