@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint, write_text_atomic
 from .config_check import check_against_data, check_config
 from .data.augment import check_views_fit
 from .data.datasets import load_dataset
-from .engine.device import cpu_has_bf16_units, resolve_device, resolve_precision
+from .engine.device import resolve_device, resolve_precision
 from .engine.resume import check_resumable, finished_message
 from .engine.trainer import Pretrainer
 from .errors import SslrunError
@@ -126,9 +126,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
         device = torch.device("cuda", dist.local_rank())
     autocast_dtype = resolve_precision(cfg.trainer.precision, device)
     if device.type == "cpu" and not cfg.eval.only:
-        console.print("[dim]No GPU: training on the CPU." + (" This CPU has bf16 matrix units (AMX): "
-                      "trainer.precision=bf16 trains 1.5-1.8x faster." if autocast_dtype is None and
-                      cpu_has_bf16_units() else "") + "[/dim]")
+        console.print("[dim]No GPU: training on the CPU.[/dim]")
     splits = load_dataset(cfg.dataset)
     if splits.num_classes == 0:
         cfg = _without_label_probes(cfg, console)
