@@ -61,3 +61,16 @@ def test_training_fits_a_small_labelled_batch():
         last = engine_step(m, opt, [x, x.flip(-1)], state)
     assert last["loss"].item() < 0.5 * first
     assert last["accuracy"].item() == 1.0
+
+
+@pytest.mark.slow
+def test_supervised_end_to_end_reports_its_classifier_and_test_time_adaptation(tmp_path):
+    from runner import FAST, read_metrics, sslrun
+
+    fast = [a for a in FAST if not a.startswith("method.")]
+    proc = sslrun("method=supervised", *fast, "eval.tta.method=tsd", "eval.tta.num_test=32",
+                  "eval.tta.corruptions=[contrast]", "eval.tta.severities=[5]", f"hydra.run.dir={tmp_path}")
+    m = read_metrics(tmp_path)
+    assert 0.0 <= m["classifier_top1"] <= 1.0  # the method's own head, scored on the test split
+    assert {"tta_contrast_s5_before", "tta_contrast_s5_after", "tta_mean_before", "tta_mean_after"} <= set(m)
+    assert "Test-time adaptation (TSD)" in proc.stdout
