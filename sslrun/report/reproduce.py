@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run nothing: judge the runs already in --out (after a sweep elsewhere, or a new tolerance)")
     ap.add_argument("--out", type=Path, default=None,
                     help="directory of the runs and the result (default outputs/reproduce/<table>/<date>_<time>)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
     console, err = Console(), Console(stderr=True, soft_wrap=True)
     try:
         if not args.table:
