@@ -320,7 +320,7 @@ def main() -> None:
         print(f"sslrun {ips['sslrun']:.1f} images/s, reference {ips['reference']:.1f} images/s: sslrun "
               f"{ratio:.2f}x the reference (rounds {min(per_round):.2f}-{max(per_round):.2f}) on {dev}")
     if args.record:
-        command = "`python scripts/bench_vs_reference.py " + " ".join(sys.argv[1:]).replace(" --record", "") + "`"
+        command = "`python scripts/bench_vs_reference.py " + " ".join(a for a in sys.argv[1:] if a != "--record") + "`"
         if args.variant:
             record_row("sslrun against itself with one change, `scripts/bench_vs_reference.py --variant`",
                        ["date", "device", "workload", "command", "sslrun images/s", "variant images/s",
