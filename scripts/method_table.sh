@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every method on Fashion-MNIST with the small CNN at an equal wall-clock budget (issue #3's table):
-# kNN top-1, linear top-1 and the final collapse std against 1/sqrt(d), printed as a Markdown table.
+# kNN top-1, linear top-1 and the final collapse std against 1/sqrt(d), tabulated by sslrun-report.
 #
 #   scripts/method_table.sh [minutes per method, default 3] [methods, default all twelve]
 #
@@ -26,4 +26,4 @@ for m in $methods; do
   sslrun method="$m" dataset=fashion_mnist backbone=small_cnn trainer.epochs=1000 trainer.max_minutes="$minutes" \
     ${short[$m]:-} ${EXTRA:-} hydra.run.dir="$RUNS/$m"
 done
-python scripts/summarize_runs.py "$RUNS"
+python -m sslrun.report.cli "$RUNS"   # = sslrun-report: one row per method, the overrides that differ as columns
