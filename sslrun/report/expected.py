@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import SslrunError
 
-METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
+METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "classifier_top1", "classifier_top5")
 REQUIRED = ("metric", "value", "tol", "source")
 OPTIONAL = ("floor",)
 
