@@ -125,6 +125,9 @@ class CLIP(Method):
     Needs ``FitInfo.captions`` (``dataset=imagetext``).
     """
 
+    num_large_crops = 1      # one view per image, paired with its caption
+    min_batch_reason = "each image's negatives are the other captions of the batch: at batch 1 the loss is exactly 0"
+
     def __init__(self, backbone: nn.Module, embed_dim: int, context_length: int, text_width: int, text_layers: int,
                  text_heads: int, init_temperature: float, max_logit_scale: float) -> None:
         super().__init__()
