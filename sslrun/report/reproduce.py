@@ -108,10 +108,12 @@ def commands(rows: list[Row], out: Path, overrides: list[str], launcher: str | N
 def results(rows: list[Row], out: Path) -> list[dict]:
     """One result per row from its run directory under ``out`` (found by its experiment override)."""
     by_experiment = {}
-    if out.is_dir():
-        for run in find_runs([out]) if any(out.iterdir()) else []:
-            exp = read_run(run).overrides.get("experiment")
-            by_experiment.setdefault(exp, run)
+    try:
+        found = find_runs([out])
+    except SslrunError:  # no run got as far as its directory: every row is "not run"
+        found = []
+    for run in found:
+        by_experiment.setdefault(read_run(run).overrides.get("experiment"), run)
     table = []
     for row in rows:
         run = by_experiment.get(row.name)

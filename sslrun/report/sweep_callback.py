@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
+from ..errors import SslrunError
 from .runs import METRICS, find_runs, write_job_error
 
 
@@ -54,7 +55,11 @@ class SweepSummary(Callback):
         from .table import summarize  # reads TensorBoard events: loaded only when a sweep ends
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        summary = summarize(find_runs([sweep_dir]))
+        try:
+            summary = summarize(find_runs([sweep_dir]))
+        except SslrunError as e:  # no job got as far as its directory
+            Console(stderr=True, soft_wrap=True).print(f"No sweep summary: {e}", highlight=False)
+            return
         written = summary.write(sweep_dir)
         console = Console()
         for table in summary.rich(title=f"sweep {sweep_dir}"):
