@@ -100,3 +100,28 @@ def test_conversion_keeps_the_parameters_and_a_frozen_copy_frozen():
     new = dist.convert_sync_batchnorm(nn.Sequential(frozen))[0]
     assert isinstance(new, dist.GlobalBatchNorm)
     assert new.weight is weight and not new.weight.requires_grad and new.running_mean is mean
+
+
+def test_slurm_variables_become_torchrun_ones(monkeypatch):
+    """Inside an srun step without torchrun: rank, world size and local rank from SLURM, the master on the
+    first host of the node list (parsed here without scontrol), a port derived from the job id."""
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[03-05,09],cpu1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    env = dist._slurm_env()
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
+        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu03"}
+    assert env["MASTER_PORT"] == dist._slurm_env()["MASTER_PORT"]  # every task derives the same port
+    assert dist.SLURM_PORT_RANGE[0] <= int(env["MASTER_PORT"]) <= dist.SLURM_PORT_RANGE[1]
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # srun's count for this step wins over the allocation's
+    assert dist._slurm_env()["WORLD_SIZE"] == "2"
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task: not distributed
+    assert dist._slurm_env() is None
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.delenv("SLURM_PROCID")  # an allocation's shell, not a task
+    assert dist._slurm_env() is None
