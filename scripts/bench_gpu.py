@@ -26,14 +26,13 @@ import traceback
 from collections.abc import Callable
 
 import torch
-
 from bench_train import SslrunSetup, compose_config
-from bench_vs_reference import Reference, alternate, record_row
+from bench_vs_reference import Reference, alternate, machine, record_row
+
 from sslrun.data.datasets import load_dataset
 from sslrun.engine.device import resolve_device
 from sslrun.eval.evaluate import evaluate
 from sslrun.eval.features import extract_features
-from sslrun.run import device_name
 
 TOY = os.environ.get("BENCH_TOY") == "1"
 DATA = (["dataset=synthetic", "dataset.num_train=256", "dataset.num_test=128"] if TOY else
@@ -81,9 +80,9 @@ def reference_ratio(splits) -> tuple[str, str]:
     workers = min(8, os.cpu_count() or 1)
     rates = alternate({"sslrun": setup.window, "reference": Reference(setup, workers).window}, SECONDS, 2)
     ips = {k: statistics.median([x for w in v for x in w]) for k, v in rates.items()}
-    return ("SimCLR, sslrun / lightly-style reference (per-image torchvision views in "
-            f"{workers} workers)", f"{ips['sslrun'] / ips['reference']:.2f}x ({ips['sslrun']:,.0f} vs "
-            f"{ips['reference']:,.0f} images/s)")
+    what = f"SimCLR, sslrun / lightly-style reference (per-image torchvision views in {workers} workers)"
+    return what, (f"{ips['sslrun'] / ips['reference']:.2f}x ({ips['sslrun']:,.0f} vs {ips['reference']:,.0f} "
+                  "images/s)")
 
 
 def evaluation(splits) -> tuple[str, str]:
@@ -104,10 +103,9 @@ def evaluation(splits) -> tuple[str, str]:
     results = evaluate(backbone, splits, cfg.eval, dev, setup.autocast_dtype)
     t2 = now()
     n = len(splits.train) + len(splits.test)
-    return (f"evaluation, {n:,} images: features, kNN k={cfg.eval.knn.k}, linear probe "
-            f"{cfg.eval.linear.epochs} epochs",
-            f"{t2 - t1:.2f} s (features {t1 - t0:.2f} s, kNN + linear {t2 - t1 - (t1 - t0):.2f} s; "
-            f"kNN top-1 {results.get('knn_top1', float('nan')):.3f})")
+    what = f"evaluation, {n:,} images: features, kNN k={cfg.eval.knn.k}, linear probe {cfg.eval.linear.epochs} epochs"
+    return what, (f"{t2 - t1:.2f} s (features {t1 - t0:.2f} s, kNN + linear {t2 - t1 - (t1 - t0):.2f} s; "
+                  f"kNN top-1 {results.get('knn_top1', float('nan')):.3f})")
 
 
 def main() -> int:
@@ -115,7 +113,7 @@ def main() -> int:
     start = time.perf_counter()
     cfg = compose_config(BASE)
     splits = load_dataset(cfg.dataset)  # once: every step trains on the same images
-    device = device_name(resolve_device(cfg.trainer.device))
+    device = machine(resolve_device(cfg.trainer.device))
     print(f"{device}, torch {torch.__version__}{' (toy sizes)' if TOY else ''}: {len(splits.pretrain):,} "
           f"train and {len(splits.test):,} test images in {time.perf_counter() - start:.0f} s", flush=True)
     steps: list[tuple[str, Callable[[], tuple[str, str]]]] = [

@@ -31,7 +31,6 @@ from sslrun.data.datasets import load_dataset
 from sslrun.data.image_set import DatasetSplits
 from sslrun.engine.device import resolve_device, resolve_precision
 from sslrun.engine.trainer import Pretrainer
-from sslrun.run import device_name
 
 ROOT = Path(__file__).resolve().parent.parent
 # A timed window trains only: no kNN monitor, no figures, no checkpoint but the one fit() ends with.
@@ -92,7 +91,7 @@ def main() -> None:
     ap.add_argument("--record", action="store_true", help="append a row to BENCHMARKS.md")
     ap.add_argument("--json", action="store_true", help="print one JSON line with the figures")
     args = ap.parse_args()
-    from bench_vs_reference import record_row  # one writer of BENCHMARKS.md rows (scripts/ is on sys.path)
+    from bench_vs_reference import machine, record_row  # (it imports this module; scripts/ is on sys.path)
 
     setup = SslrunSetup.build(compose_config(args.overrides))
     if setup.device.type == "cuda":
@@ -104,7 +103,7 @@ def main() -> None:
     ips = statistics.median(rates)
     n = len(setup.splits.pretrain)
     peak_gib = torch.cuda.max_memory_allocated(setup.device) / 2**30 if setup.device.type == "cuda" else None
-    dev = device_name(setup.device)
+    dev = machine(setup.device)
     what = " ".join(args.overrides) or "defaults"
     if args.json:
         print(json.dumps({"config": what, "device": dev, "imgs_per_s": ips, "epoch_s": n / ips, "images": n,

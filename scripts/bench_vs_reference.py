@@ -39,13 +39,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_train import SslrunSetup, compose_config
 from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bench_train import SslrunSetup, compose_config
 from sslrun.data.augment import ViewRecipe
+from sslrun.engine.device import cpu_has_bf16_units
 from sslrun.errors import SslrunError
 from sslrun.run import device_name
 
@@ -69,10 +70,21 @@ REFERENCE_METHODS = ("simclr", "swav")
 # ----------------------------------------------------------------------------- recording
 
 
+def machine(device: torch.device) -> str:
+    """The device's name; for a CPU also its model and whether it has AMX, which decides bf16's speed."""
+    name = device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if device.type != "cpu" or not cpuinfo.exists():
+        return name
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")), "unknown model")
+    return f"{name}, {model}, {'AMX' if cpu_has_bf16_units() else 'no AMX'}"
+
+
 def commit() -> str:
     """The checkout's short commit, marked when sslrun/, conf/ or scripts/ differ from it."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + (" + local changes" if git("status", "--porcelain", "--", "sslrun", "conf", "scripts") else "")
@@ -300,7 +312,7 @@ def main() -> None:
     else:
         names, windows = ("sslrun", "reference"), {"sslrun": base.window,
                                                    "reference": Reference(base, args.workers).window}
-    dev, t = device_name(base.device), base.cfg.trainer
+    dev, t = machine(base.device), base.cfg.trainer
     precision = {None: "fp32", torch.bfloat16: "bf16"}.get(base.autocast_dtype, str(base.autocast_dtype))
     print(f"{args.workload}: {what}; batch {t.batch_size}, {precision}, {base.augment.num_views} views, "
           f"{len(base.splits.pretrain)} images, on {dev}, torch {torch.__version__}"
@@ -326,8 +338,8 @@ def main() -> None:
                        ["date", "device", "workload", "command", "sslrun images/s", "variant images/s",
                         "variant / sslrun (rounds)", "commit"],
                        [dev, f"{args.workload}, batch {t.batch_size}, {precision}", command, f"{ips['sslrun']:.1f}",
-                        f"{ips['variant']:.1f}", f"{1 / ratio:.2f} ({min(1 / r for r in per_round):.2f}-"
-                                                  f"{max(1 / r for r in per_round):.2f})"])
+                        f"{ips['variant']:.1f}",
+                        f"{1 / ratio:.2f} ({min(1 / r for r in per_round):.2f}-{max(1 / r for r in per_round):.2f})"])
         else:
             record_row("sslrun against the lightly-style reference, `scripts/bench_vs_reference.py`",
                        ["date", "device", "workload", "command", "sslrun images/s", "reference images/s",

@@ -19,12 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_train import SslrunSetup, compose_config
+from bench_vs_reference import machine, record_row
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.tensorboard import SummaryWriter
-
-from bench_train import SslrunSetup, compose_config
-from bench_vs_reference import record_row
-from sslrun.run import device_name
 
 PHASES = ("views", "forward", "backward", "optimizer", "monitors", "method hooks")
 
@@ -73,7 +71,7 @@ def main() -> None:
     ms = {p: events[p].cpu_time_total / 1e3 / steps if p in events else 0.0 for p in PHASES}
     step_ms = wall * 1e3 / steps
     ms["other"] = step_ms - sum(ms.values())
-    dev, what = device_name(setup.device), " ".join(args.overrides) or "defaults"
+    dev, what = machine(setup.device), " ".join(args.overrides) or "defaults"
     print(f"{what}: {steps} steps in {wall:.1f} s on {dev}, {step_ms:.1f} ms per step "
           f"({setup.cfg.trainer.batch_size * steps / wall:.0f} images/s under the profiler)")
     for name, value in ms.items():

@@ -22,7 +22,7 @@ def _import_scripts(monkeypatch):
 
 
 def _run(cmd: list[str], record: Path, **env) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "BENCH_RECORD": str(record), **env})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
