@@ -183,6 +183,12 @@ class CPCv2(Method):
             (image, row, col) order.
         """
         n, d, rows, cols = z.shape
+        ahead = rows if len(self.context) == 1 else min(rows, cols)  # grid length along every direction used
+        if self.steps[-1] >= ahead:
+            # Every predictor must have a target: one that never does would get no gradient (and DDP stops on it).
+            raise SslrunError(f"CPC predicts up to method.max_steps={self.steps[-1]} patches ahead, but the patch grid "
+                              f"is {rows}x{cols}; set method.max_steps to at most {ahead - 1}, or cut more patches "
+                              "(a smaller method.patch_stride, or larger images).")
         index = torch.arange(n * rows * cols, device=z.device).view(n, 1, rows, cols)
         preds, targets = [], []
         for turn, (context, predictors) in enumerate(zip(self.context, self.predictors)):
@@ -190,14 +196,9 @@ class CPCv2(Method):
             zr, ir = torch.rot90(z, turn, (2, 3)), torch.rot90(index, turn, (2, 3))
             c = context(zr)
             for k, w_k in zip(self.steps, predictors):
-                if k >= zr.shape[2]:
-                    continue  # no row that far ahead in this grid
                 p = w_k(c[:, :, :-k])  # contexts of the rows that have a row k ahead
                 preds.append(p.permute(0, 2, 3, 1).reshape(-1, d))
                 targets.append(ir[:, :, k:].reshape(-1))
-        if not preds:
-            raise SslrunError(f"The patch grid is {rows}x{cols}, too small to predict {self.steps[0]} rows ahead; "
-                              "lower method.patch_stride or method.min_steps, or use larger images.")
         return torch.cat(preds), torch.cat(targets)
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -82,7 +82,9 @@ class SimCLRv2(Method):
         loss = nt_xent(z1, z2, self.temperature, negatives if negatives.shape[0] else None)
         with torch.no_grad():
             keys = F.normalize(self.memory_projector(self.memory_backbone(x)), dim=1)
-        self._new_keys = dist.all_gather(keys)
+        # All first views, then all second views, in rank order: the queue one process would hold.
+        world = dist.world_size()
+        self._new_keys = dist.all_gather(keys).view(world, 2, n, -1).transpose(0, 1).reshape(2 * world * n, -1)
         return {"loss": loss, "z": z1}
 
     def on_after_step(self, state: TrainState) -> None:

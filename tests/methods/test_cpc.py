@@ -138,8 +138,8 @@ def test_bad_choices_are_refused():
         build(directions=2)
     with pytest.raises(Exception, match="min_steps"):
         build(min_steps=0)
-    with pytest.raises(SslrunError, match="too small"):
-        build(min_steps=7, max_steps=8)([image(2)], torch.arange(2))
+    with pytest.raises(SslrunError, match="max_steps to at most 5"):
+        build(min_steps=2, max_steps=6)([image(2)], torch.arange(2))  # a 6x6 grid at 28 px
 
 
 def test_steps_on_synthetic_views():
