@@ -192,8 +192,8 @@ def stream(overrides: list[str], seconds: float, rounds: int, train_seconds: flo
                 train[storage].append(_train_window(setup, batches, train_seconds))
             print(f"round {r}: {storage}: data {rate:,.0f} images/s, {ms:.3f} CPU ms/image"
                   + (f", training {train[storage][-1]:,.0f} images/s" if train_seconds else ""), flush=True)
-    for storage in data:
-        print(f"{storage}: data median {statistics.median(data[storage]):,.0f} images/s, "
+    for storage, rates in data.items():
+        print(f"{storage}: data median {statistics.median(rates):,.0f} images/s, "
               f"{statistics.median(cost[storage]):.3f} CPU ms/image"
               + (f", training median {statistics.median(train[storage]):,.0f} images/s" if train_seconds else "")
               + f" (batch {batch}, {torch.get_num_threads()} threads, {cfg.dataset.num_workers} decoding workers)")
