@@ -87,7 +87,8 @@ class SslrunSetup:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for sslrun")
-    ap.add_argument("--seconds", type=float, default=60.0, help="wall-clock budget of the timed run")
+    ap.add_argument("--seconds", type=float, default=60.0,
+                    help="wall-clock budget of the timed run; 0: trainer.epochs epochs instead")
     ap.add_argument("--record", action="store_true", help="append a row to BENCHMARKS.md")
     ap.add_argument("--json", action="store_true", help="print one JSON line with the figures")
     args = ap.parse_args()
@@ -96,7 +97,7 @@ def main() -> None:
     setup = SslrunSetup.build(compose_config(args.overrides))
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
-    rates = setup.window(args.seconds)
+    rates = setup.window(args.seconds or None)
     if not rates:
         raise SystemExit(f"--seconds {args.seconds} ended before a second log interval: give more seconds or a "
                          "smaller trainer.log_every.")
