@@ -3,6 +3,8 @@ and checked against the pixels they stand for (issue 8: 16-bit PNGs used to load
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,29 @@ def test_16bit_grey_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert Image.open(path).mode == "I;16"
     assert grey(decode_pixels(path, 1)) == SIXTEEN_AS_8
     assert decode_pixels(path, 3).tolist() == [SIXTEEN_AS_8] * 3
+
+
+def png16(path: Path, pixels: np.ndarray, colour_type: int) -> Path:
+    """A 16-bit PNG written byte by byte (Pillow cannot write 16-bit colour): colour type 2 = RGB, 6 = RGBA."""
+    h, w = pixels.shape[:2]
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_16bit_colour_pngs_keep_their_levels(tmp_path: Path) -> None:
+    rgb = np.array([[[65535, 0x8080, 0x00FF], [0x4000, 0xC000, 0x2000]]], dtype=np.uint16)
+    x = decode_pixels(png16(tmp_path / "rgb.png", rgb, 2), 3)
+    assert (x.permute(1, 2, 0).int() - torch.from_numpy(rgb.astype(np.int64) / 257).round().int()).abs().max() <= 1
+    rgba = np.array([[[65535, 0, 0, 0], [0, 0, 65535, 65535]]], dtype=np.uint16)  # transparent red, opaque blue
+    x = decode_pixels(png16(tmp_path / "rgba.png", rgba, 6), 3)
+    assert x[:, 0].T.tolist() == [[BACKGROUND] * 3, [0, 0, 255]]
 
 
 def test_big_endian_16bit_and_32bit_integer_tiffs(tmp_path: Path) -> None:
