@@ -74,6 +74,11 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_against_data(cfg: DictConfig, num_pretrain: int) -> None:
+    from . import dist  # torch: imported here so that the static checks stay light
+
+    if cfg.trainer.batch_size % dist.world_size():
+        raise SslrunError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must split evenly "
+                          f"over the {dist.world_size()} processes; use a multiple of {dist.world_size()}.")
     if cfg.trainer.batch_size > num_pretrain:
         raise SslrunError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the pretraining set "
                           f"({num_pretrain} images of dataset {cfg.dataset.get('name', '?')}); lower "
