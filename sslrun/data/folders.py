@@ -196,11 +196,13 @@ def cache_key(listing: FolderListing, channels: int, size: int) -> str:
 def read_image_folder(listing: FolderListing, channels: int, size: int, num_workers: int,
                       cache_dir: str | None) -> ImageSet:
     """The listing decoded into memory; with ``cache_dir``, the decoded tensor is read from / written to
-    ``cache_dir/<cache_key>.npy`` (written atomically, so a killed run never leaves a partial cache file)."""
+    ``cache_dir/imagefolder-<folder>-<cache_key>.npy`` (written atomically, so a killed run never leaves a
+    partial file). Writing it removes the folder's older caches at the same size, which can never be read again."""
     if cache_dir is None:
         return decode_into_memory(listing, channels, size, num_workers)
     folder = Path(cache_dir).expanduser()
-    path = folder / f"imagefolder-{cache_key(listing, channels, size)}.npy"
+    which = hashlib.sha256(f"{listing.root} {channels} {size}".encode()).hexdigest()[:12]
+    path = folder / f"imagefolder-{which}-{cache_key(listing, channels, size)}.npy"
     if path.is_file():
         try:
             cached = np.load(path)
@@ -215,6 +217,11 @@ def read_image_folder(listing: FolderListing, channels: int, size: int, num_work
         with open(tmp, "wb") as f:
             np.save(f, decoded.images.numpy())
         os.replace(tmp, path)
+        for stale in folder.glob(f"imagefolder-{which}-*.npy"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+        log.info("Cached the decoded images of %s in %s (%.0f MB; dataset.cache_dir=null turns this off)",
+                 listing.root, path, path.stat().st_size / 1e6)
     except OSError as e:  # a read-only or full cache location costs speed next time, never this run
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

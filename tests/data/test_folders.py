@@ -127,6 +127,7 @@ def test_the_cache_is_read_back_only_while_every_file_is_unchanged(tmp_path: Pat
     fresh = imagefolder(str(data), val_fraction=0.5, image_size=8, num_workers=0, cache_dir=str(cache))
     values = torch.cat([fresh.train.images, fresh.test.images])[:, 0, 0, 0].tolist()
     assert 77 in values and 201 not in values
+    assert len(list(cache.glob("*.npy"))) == 1  # the stale cache was removed when the fresh one was written
 
 
 def test_an_unwritable_or_corrupt_cache_costs_a_warning_not_the_run(tmp_path: Path,
