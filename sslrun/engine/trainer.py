@@ -28,7 +28,7 @@ from ..monitor.recorder import TrainingMonitor
 from ..monitor.spikes import Spike
 from .. import dist
 from ..checkpoint import save_checkpoint
-from .optim import build_optimizer, lr_factor, set_lr
+from .optim import build_optimizers, set_schedules
 from .signals import StopRequested, StopSignals
 
 PRINT_EVERY_S = 30  # without a terminal (logs, CI, a pipe): a progress line at least this often
@@ -71,6 +71,18 @@ def _set_rng_states(aug_gen: torch.Generator, states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Under several processes, ``optimizer``'s gradients averaged over them in one flat all-reduce (what DDP
+    does during backward for the methods it wraps; a method that owns its step calls its networks past it)."""
+    if dist.world_size() == 1:
+        return
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if grads:
+        flat = dist.all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+        for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(avg.view_as(g))
+
+
 class Pretrainer:
     """Owns one pretraining run. ``cfg`` is the whole composed config (trainer, optimizer, monitor).
 
@@ -103,14 +115,18 @@ class Pretrainer:
             if t.sync_batchnorm:
                 method.convert_sync_batchnorm()
             # Gradients are averaged over processes during backward; buffers (queues, banks, centres) are kept in
-            # step by the methods' own gathers, so DDP need not broadcast them every step.
-            with warnings.catch_warnings():  # its successor, forward_sync_buffers, is not in every torch we support
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                model = DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None,
-                                                broadcast_buffers=False)
+            # step by the methods' own gathers, so DDP need not broadcast them every step. A method that owns its
+            # step calls its networks directly, past DDP's forward: its gradients are averaged in _own_step.
+            if not method.owns_step():
+                with warnings.catch_warnings():  # its successor, forward_sync_buffers, is not in every torch we support
+                    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                    model = DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
         self.model = torch.compile(model) if t.compile else model
         self.state = TrainState()
-        self.optimizer = build_optimizer(cfg.optimizer, method.param_groups(), t.batch_size)
+        # "main" (the optimizer group over param_groups()) and the ones a method names (a GAN's two), each with
+        # its own lr schedule and checkpoint state.
+        self.optimizers = build_optimizers(cfg.optimizer, method, t.batch_size)
         self.monitor = TrainingMonitor(method, splits, cfg, device, autocast_dtype, writer, run_dir, self._non_finite)
         self.result = TrainResult(0.0, 0, 0.0, 0.0, "epochs")
         self._seconds_before = 0.0  # time spent before a resume
@@ -121,7 +137,8 @@ class Pretrainer:
             return
         save_checkpoint({
             "method": self.method.state_dict(), "backbone": self.method.eval_backbone().state_dict(),
-            "optimizer": self.optimizer.state_dict(), "state": asdict(self.state),
+            "optimizer": {name: o.optimizer.state_dict() for name, o in self.optimizers.items()},
+            "state": asdict(self.state),
             "seconds": self._elapsed(), "monitor": self.monitor.state_dict(), "rng": _rng_states(self.aug_gen),
             "epoch_start": self._epoch_start,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -130,7 +147,12 @@ class Pretrainer:
     def _load(self, ck: dict) -> None:
         try:
             self.method.load_state_dict(ck["method"])
-            self.optimizer.load_state_dict(ck["optimizer"])
+            saved = ck["optimizer"]
+            saved = {"main": saved} if "param_groups" in saved else saved  # written before named optimizers
+            if set(saved) != set(self.optimizers):
+                raise KeyError(f"optimizers {sorted(saved)} in the checkpoint, {sorted(self.optimizers)} in this run")
+            for name, o in self.optimizers.items():
+                o.optimizer.load_state_dict(saved[name])
         except (RuntimeError, ValueError, KeyError) as e:
             raise SslrunError(f"The checkpoint {self.ckpt_path} does not match this run's model or optimizer "
                               f"({str(e).splitlines()[0]}). Resume with the config it was written with, or set "
@@ -179,29 +201,63 @@ class Pretrainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
 
-    def _step(self, images: torch.Tensor, index: torch.Tensor, warmup_frac: float) -> tuple[dict, float]:
-        """One optimizer step with the method's hooks in order; returns the method's outputs and the lr."""
-        st, opt_cfg = self.state, self.cfg.optimizer
+    def _step(self, images: torch.Tensor, index: torch.Tensor) -> tuple[dict, float]:
+        """One training step with the method's hooks in order; returns the method's outputs and the lr."""
+        st = self.state
         st.progress = st.step / self.total_steps
         if self.budget_s:
             st.progress = max(st.progress, self._elapsed() / self.budget_s)
-        lr = set_lr(self.optimizer, lr_factor(min(1.0, st.progress), warmup_frac, opt_cfg.min_lr_factor,
-                                              opt_cfg.warmup_start_factor))
+        lr = set_schedules(self.optimizers, st.progress, self.cfg.trainer.epochs)
         views = self.augment(images, self.aug_gen)
         if st.step == 0:
             self.monitor.preview(images, views)
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        with self._autocast():
-            out = self.model(views, index)
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.method.on_after_backward(st)
-        if self.monitor.after_backward():  # gradient magnitudes; False = skip this spike
-            self.optimizer.step()
+        if self.method.owns_step():
+            out = self._own_step(views, index)
+        else:
+            with self._autocast():
+                out = self.model(views, index)
+            optimizers = [o.optimizer for o in self.optimizers.values()]
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            self.method.on_after_backward(st)
+            if self.monitor.after_backward():  # gradient magnitudes; False = skip this spike
+                for opt in optimizers:
+                    opt.step()
         st.step += 1
         self.method.on_after_step(st)
         return out, lr
+
+    def _own_step(self, views: list[torch.Tensor], index: torch.Tensor) -> dict:
+        """``Method.training_step``: the method calls ``step(name, loss)`` for each update (a GAN: discriminator,
+        then generator). Each call backpropagates, averages the gradients over processes, runs
+        ``on_after_backward`` and steps that optimizer; the gradient monitor (and ``on_spike``) reads the first."""
+        for o in self.optimizers.values():
+            o.optimizer.zero_grad(set_to_none=True)
+        taken: list[str] = []
+
+        def step(name: str, loss: torch.Tensor) -> None:
+            if name not in self.optimizers:
+                raise SslrunError(f"{type(self.method).__name__}.training_step stepped optimizer {name!r}, but the "
+                                  f"run has {', '.join(self.optimizers)}; name one of its named_optimizers().")
+            opt = self.optimizers[name].optimizer
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _average_gradients(opt)
+            self.method.on_after_backward(self.state)
+            go = self.monitor.after_backward() if not taken else True
+            taken.append(name)
+            if go:
+                opt.step()
+
+        with self._autocast():
+            out = self.method.training_step(views, index, step, self.state)
+        if not taken:
+            raise SslrunError(f"{type(self.method).__name__}.training_step returned without calling step(name, loss): "
+                              "a method that owns its step must take at least one optimizer step.")
+        return out
 
     def _print_line(self) -> None:
         """A plain progress line, for output that is not a terminal (a bar redrawn in place prints nothing)."""
@@ -223,7 +279,6 @@ class Pretrainer:
 
     def fit(self) -> TrainResult:
         t = self.cfg.trainer
-        warmup_frac = min(1.0, self.cfg.optimizer.warmup_epochs / t.epochs)
         self.method.on_fit_start(FitInfo(len(self.splits.pretrain), self.steps_per_epoch, self.total_steps,
                                          t.epochs, self._map_dataset, labels=self.splits.pretrain.labels,
                                          mean=self.splits.mean, std=self.splits.std))
@@ -249,9 +304,10 @@ class Pretrainer:
                     self._epoch_start = asdict(self.state)
                     self.method.on_epoch_start(self.state)
                     for p in self.method.params_to_reset():
-                        self.optimizer.state.pop(p, None)
+                        for o in self.optimizers.values():
+                            o.optimizer.state.pop(p, None)
                 for images, index in self.batches.epoch(self.state.epoch, start):
-                    out, lr = self._step(images, index, warmup_frac)
+                    out, lr = self._step(images, index)
                     st = self.state
                     terms = {k: v for k, v in out.items() if k not in ("loss", "z") and v.ndim == 0}
                     if self.monitor.after_step(st, out["loss"], out["z"].detach(), lr, terms):
