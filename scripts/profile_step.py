@@ -41,7 +41,8 @@ def _label(obj: object, attr: str, name: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for sslrun")
-    ap.add_argument("--seconds", type=float, default=30.0, help="length of the profiled window")
+    ap.add_argument("--seconds", type=float, default=30.0,
+                    help="length of the profiled window; 0: trainer.epochs epochs instead")
     ap.add_argument("--record", action="store_true", help="append a row to BENCHMARKS.md")
     args = ap.parse_args()
 
@@ -53,7 +54,8 @@ def main() -> None:
         trainer = setup.pretrainer(args.seconds, Path(tmp), writer)
         _label(setup.augment, "forward", "views")
         _label(trainer.model, "forward", "forward")
-        _label(trainer.optimizer, "step", "optimizer")
+        for named in trainer.optimizers.values():  # the main optimizer and a method's named ones
+            _label(named.optimizer, "step", "optimizer")
         for hook in ("after_backward", "after_step", "end_epoch"):
             _label(trainer.monitor, hook, "monitors")
         for hook in ("on_after_backward", "on_after_step"):

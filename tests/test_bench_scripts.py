@@ -91,3 +91,16 @@ def test_bench_vs_reference_compares_a_variant_and_records_it(tmp_path):
     assert re.search(r"sslrun [\d.]+ images/s, with trainer.precision=bf16 [\d.]+ images/s", proc.stdout)
     row = record.read_text().splitlines()[-1]
     assert "cnn28, batch 32, fp32" in row and "--variant trainer.precision=bf16" in row
+
+
+@pytest.mark.slow
+def test_profile_step_splits_a_step_into_its_phases(tmp_path):
+    record = tmp_path / "B.md"
+    proc = _run([sys.executable, "scripts/profile_step.py", "dataset=synthetic", "dataset.num_train=128",
+                 "backbone=small_cnn", "backbone.width=8", "trainer.batch_size=32", "trainer.epochs=1",
+                 "--seconds", "0", "--record"], record)
+    phases = dict(re.findall(r"^\s+(views|forward|backward|optimizer|monitors|method hooks|other)\s+(-?[\d.]+) ms",
+                             proc.stdout, re.M))
+    assert set(phases) == {"views", "forward", "backward", "optimizer", "monitors", "method hooks", "other"}
+    assert all(float(phases[p]) > 0 for p in ("views", "forward", "backward", "optimizer", "monitors"))
+    assert "Where a step's time goes" in record.read_text()
