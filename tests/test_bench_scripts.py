@@ -100,7 +100,7 @@ def test_profile_step_splits_a_step_into_its_phases(tmp_path):
                  "backbone=small_cnn", "backbone.width=8", "trainer.batch_size=32", "trainer.epochs=1",
                  "--seconds", "0", "--record"], record)
     phases = dict(re.findall(r"^\s+(views|forward|backward|optimizer|monitors|method hooks|other)\s+(-?[\d.]+) ms",
-                             proc.stdout, re.M))
+                             proc.stdout, re.MULTILINE))
     assert set(phases) == {"views", "forward", "backward", "optimizer", "monitors", "method hooks", "other"}
     assert all(float(phases[p]) > 0 for p in ("views", "forward", "backward", "optimizer", "monitors"))
     assert "Where a step's time goes" in record.read_text()
