@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from ..data.augment import normalize
-from ..data.batches import TensorBatches
+from ..data.batches import make_batches
 from ..data.image_set import DatasetSplits
 from ..errors import SslrunError
 from ..methods.base import FitInfo, Method, TrainState
@@ -43,13 +43,6 @@ class TrainResult:
     stopped_by: str
     spikes: list[Spike] = field(default_factory=list)
     knn_monitor: list[dict] = field(default_factory=list)
-
-
-def _fits_on(device: torch.device, tensor: torch.Tensor, fraction: float = 0.5) -> bool:
-    if device.type != "cuda":
-        return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return tensor.numel() * tensor.element_size() < fraction * free
 
 
 def _rng_states(aug_gen: torch.Generator) -> dict:
@@ -98,12 +91,10 @@ class Pretrainer:
         self.writer, self.console, self.resume = writer, console, resume
         self.ckpt_path = run_dir / "checkpoints" / "last.pt"
         t = cfg.trainer
-        # The dataset lives on the GPU when it fits: a batch is then one gather, no host work.
-        images = splits.pretrain.images
-        images = images.to(device) if _fits_on(device, images) else images
-        # trainer.batch_size is the global batch: each process takes its slice of every global batch, and
-        # makes its views with a generator of its own (rank 0's is the one-process generator).
-        self.batches = TensorBatches(images, t.batch_size, device, t.seed, dist.rank(), dist.world_size())
+        # The in-memory dataset lives on the GPU when it fits (a batch is then one gather); a streamed one is
+        # decoded by worker processes.
+        self.batches = make_batches(splits.pretrain, cfg.dataset, t.batch_size, device, t.seed, dist.rank(),
+                                    dist.world_size())
         self.aug_gen = torch.Generator(device=device).manual_seed(t.seed + 1 + 1000 * dist.rank())
         self.steps_per_epoch = len(self.batches)
         self.total_steps = t.epochs * self.steps_per_epoch
