@@ -3,10 +3,10 @@ the Lab colour space, each with its own encoder, trained so that the two views o
 different images do not.
 
 Each view v has an encoder (a copy of the backbone config built for 1 or 2 input channels) and a linear map to a
-128-d l2-normalised embedding z_v. The two-view objective (the paper's eq. 3) contrasts each view against the
+128-d l2-normalised embedding z_v. The paper's two-view objective contrasts each view against the
 other: ``L = L(z_L -> z_ab) + L(z_ab -> z_L)`` where ``L(q -> k) = -log exp(q.k+/T) / sum_j exp(q.k_j/T)``
-(eq. 2, the softmax form; the official code's ``--softmax``, which its README finds better than the binary NCE
-estimator of eq. 12, which is not implemented here). The candidates k_j are
+(the softmax form; the official code's ``--softmax``, which its README finds better than the binary NCE
+estimator (its ``NCECriterion``, "Eq. (12)"), which is not implemented here). The candidates k_j are
 - ``negatives=bank`` (the paper's): one memory bank per view; the positive is the other view's bank entry of the
   image, the negatives ``nce_k`` entries drawn uniformly from it, and after each step the entries of the batch move
   towards the new embeddings with momentum (``NCEAverage`` of HobbitLong/CMC);

@@ -9,7 +9,7 @@ causal summary of the patches above, and tell them apart from every other patch 
   image, so a patch's embedding would carry information about the patches it is asked to predict.
 - A context network of masked (PixelCNN-style) convolutions reads the grid: ``c[i, j]`` depends on the rows
   ``<= i`` only (each convolution sees its own row and the rows above, never below).
-- ``W_k c[i, j]`` predicts ``z[i+k, j]`` for ``k`` = ``min_steps`` .. ``max_steps``. The InfoNCE (the paper's eq. 3):
+- ``W_k c[i, j]`` predicts ``z[i+k, j]`` for ``k`` = ``min_steps`` .. ``max_steps``. The paper's InfoNCE:
   ``-log exp(zhat . z+) / sum_l exp(zhat . z_l)`` where ``z_l`` runs over every patch of the (global) batch, the
   positive among them; averaged over all predictions. Patches overlap by half, so the row right below shares half
   its pixels with the context's own row: ``min_steps = 2`` predicts from the first row that shares none (CPC v1's
@@ -144,7 +144,7 @@ class CPCv2(Method):
     Raises:
         SslrunError: a bad choice of norm, directions or steps, or a patch grid too small to predict anything.
 
-    Source: Hénaff et al., ICML 2020 (sec. 2.2, 3.1; fig. 2-3) and van den Oord, Li & Vinyals, 2018 (CPC v1, images).
+    Source: Hénaff et al., ICML 2020, and van den Oord, Li & Vinyals, 2018 (CPC v1, images).
     """
 
     num_large_crops = 1      # one image per step, cut into patches

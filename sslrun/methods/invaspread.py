@@ -4,9 +4,9 @@ own feature in the current batch, no memory bank.
 
 Two augmented views of every image go through the same network (backbone -> linear -> l2-normalise, 128-d).
 With ``f`` the 2N features of the batch, every row ``i`` is scored against the other 2N-1:
-``P(j|i) = exp(f_j . f_i / T) / sum_{k != i} exp(f_k . f_i / T)``; the loss (the paper's eq. 6-7, the official
-``BatchCriterion`` with negM = 1) pulls the other view ``i'`` of the same image in and pushes every other
-instance out:
+``P(j|i) = exp(f_j . f_i / T) / sum_{k != i} exp(f_k . f_i / T)``; the loss (the paper's softmax embedding, as the
+official ``BatchCriterion`` computes it with negM = 1) pulls the other view ``i'`` of the same image in and pushes
+every other instance out:
 ``L = -(1/2N) sum_i [ log P(i'|i) + sum_{j not in {i, i'}} log(1 - P(j|i)) ]``.
 As in the official code (mangye16/Unsupervised_Embedding_Learning, ``BatchAverage.py``: ``feat.data``), the
 candidates ``f_j`` act as fixed class weights: the gradient reaches each feature through its own row only.
@@ -26,7 +26,8 @@ from .losses import in_fp32
 @in_fp32
 def invaspread_loss(f: torch.Tensor, candidates: torch.Tensor, own: torch.Tensor, positive: torch.Tensor,
                     temperature: float) -> torch.Tensor:
-    """The softmax-embedding loss of InvaSpread (Ye et al., 2019, eq. 6-7), averaged over the rows of ``f``.
+    """The softmax-embedding loss of InvaSpread (Ye et al., 2019; the official ``BatchCriterion``), averaged
+    over the rows of ``f``.
 
     Args:
         f: l2-normalised features of the rows scored here (this process's views).

@@ -1,7 +1,7 @@
 """SimCLR v2 (Chen, Kornblith, Swersky, Norouzi & Hinton, NeurIPS 2020, "Big Self-Supervised Models are Strong
 Semi-Supervised Learners"): SimCLR with a deeper projector, fine-tuning from its first layer, and MoCo's memory.
 
-Three changes to SimCLR (sec. 2.2 of the paper):
+Three changes to SimCLR:
 - the projection head g has 3 layers (Linear-BN-ReLU twice, then Linear) instead of 2;
 - fine-tuning starts from the first layer of that head, not from the backbone's output:
   :meth:`SimCLRv2.finetune_backbone` is backbone -> Linear -> BN -> ReLU, the official TF2 code's
@@ -40,7 +40,7 @@ class SimCLRv2(Method):
             a deeper head).
         queue_momentum: EMA momentum of the memory network (MoCo's m).
 
-    Source: Chen et al., NeurIPS 2020, sec. 2.2 and appendix B; google-research/simclr (tf2).
+    Source: Chen et al., NeurIPS 2020; official code google-research/simclr (tf2).
     """
 
     min_batch_reason = "the other images of the batch are its negatives"

@@ -93,7 +93,7 @@ def test_two_encoders_for_one_and_two_channels_and_a_concatenated_representation
 
 
 def contrast_reference(q: torch.Tensor, pos: torch.Tensor, cands: list[torch.Tensor], t: float) -> float:
-    """-log exp(q.pos/T) / (exp(q.pos/T) + sum_j exp(q.c_j/T)) for one query (the paper's eq. 2)."""
+    """-log exp(q.pos/T) / (exp(q.pos/T) + sum_j exp(q.c_j/T)) for one query (the softmax form)."""
     q, pos, cands = q.detach(), pos.detach(), [c.detach() for c in cands]
     s = [float(q @ pos) / t] + [float(q @ c) / t for c in cands]
     return -(s[0] - math.log(sum(math.exp(v) for v in s)))

@@ -12,7 +12,8 @@ from sslrun.methods.invaspread import invaspread_loss
 
 
 def loss_reference(f: torch.Tensor, t: float) -> float:
-    """The paper's eq. 6-7 with loops: rows i and i' = (i + n) mod 2n are the two views of one image."""
+    """The paper's loss with loops (the official BatchCriterion, negM = 1): rows i and i' = (i + n) mod 2n are
+    the two views of one image."""
     m, n = f.shape[0], f.shape[0] // 2
     total = 0.0
     for i in range(m):
