@@ -272,7 +272,8 @@ class Pretrainer:
         t = self.cfg.trainer
         self.method.on_fit_start(FitInfo(len(self.splits.pretrain), self.steps_per_epoch, self.total_steps,
                                          t.epochs, self._map_dataset, labels=self.splits.pretrain.labels,
-                                         mean=self.splits.mean, std=self.splits.std))
+                                         mean=self.splits.mean, std=self.splits.std,
+                                         captions=getattr(self.splits.pretrain, "captions", None)))
         self._t0 = time.perf_counter()
         self._epoch_start = asdict(self.state)  # the state on_epoch_start last saw
         if self.resume is not None:
