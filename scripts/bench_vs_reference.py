@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sslrun.data.augment import ViewRecipe
 from sslrun.engine.device import cpu_has_bf16_units
+from sslrun.engine.optim import effective_lr
 from sslrun.errors import SslrunError
 from sslrun.run import device_name
 
@@ -217,7 +218,7 @@ class Reference:
         backbone = instantiate(cfg.backbone)
         self.model = (LightlySimCLR(backbone, cfg.method) if method == "simclr"
                       else LightlySwaV(backbone, cfg.method, recipes[0].count)).to(setup.device)
-        lr = cfg.optimizer.lr * cfg.trainer.batch_size / 256 if cfg.optimizer.scale_lr else cfg.optimizer.lr
+        lr = effective_lr(cfg.optimizer, cfg.trainer.batch_size)
         opt = LARS if cfg.optimizer._target_.endswith("LARS") else torch.optim.SGD
         self.optimizer = opt(self.model.parameters(), lr=lr, momentum=cfg.optimizer.momentum,
                              weight_decay=cfg.optimizer.weight_decay)
