@@ -3,7 +3,7 @@
 # CIFAR-10-shaped data (ResNet-18, batch 512, bf16), SimCLR with trainer.compile=true, the ratio to the
 # lightly-style reference on the same GPU, and the evaluation (features, kNN, linear) on 60,000 images.
 # Prints each figure and appends them to BENCHMARKS.md with the device's name (scripts/bench_gpu.py says how).
-# About 5-6 minutes on one H100/H200; it installs nothing.
+# Estimated at 5-6 minutes on one H100/H200 (not yet timed: no GPU lent so far); it installs nothing.
 #
 #   scripts/bench_gpu.sh                  # on the GPU machine
 #   BENCH_TOY=1 scripts/bench_gpu.sh      # CPU, toy sizes, seconds: what the test suite runs
