@@ -125,6 +125,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
     if dist.init_from_env(device) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     autocast_dtype = resolve_precision(cfg.trainer.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shapes: let cuDNN pick its fastest kernels
     if device.type == "cpu" and not cfg.eval.only:
         console.print("[dim]No GPU: training on the CPU.[/dim]")
     splits = load_dataset(cfg.dataset)
