@@ -25,9 +25,7 @@ def sweep(tmp_path_factory):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=[*FAST, *overrides])
         run_dir = root / f"{i}_method.stop_gradient={sg}"
-        (run_dir / ".hydra").mkdir(parents=True)
-        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-        run(cfg, run_dir, console=Console(quiet=True))
+        run(cfg, run_dir, overrides, console=Console(quiet=True))  # writes .hydra/overrides.yaml, as a sweep job
     return root
 
 
