@@ -54,3 +54,24 @@ def compose(*overrides: str):
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+def write_caption_set(folder, count: int, label: bool) -> None:
+    """Images of the synthetic dataset's classes as PNGs, captioned with their class name, in open_clip's CSV."""
+    import csv
+
+    from PIL import Image
+
+    from sslrun.data.datasets import synthetic
+
+    names = ["red fox", "blue whale", "green frog", "old truck"]
+    data = synthetic(num_train=count, num_test=count // 2, num_classes=4, image_size=16, channels=3, seed=0)
+    for split, images in (("train", data.train), ("test", data.test)):
+        (folder / split).mkdir(parents=True)
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["filepath", "title"] + (["label"] if label else []))
+            for i in range(len(images)):
+                Image.fromarray(images.images[i].permute(1, 2, 0).numpy()).save(folder / split / f"{i}.png")
+                name = names[int(images.labels[i])]
+                w.writerow([f"{split}/{i}.png", f"a picture of a {name}"] + ([name] if label else []))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
-from runner import FAST, ROOT, compose
+from runner import FAST, ROOT, compose, write_caption_set
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sslrun.engine.signals import StopRequested
@@ -35,7 +35,16 @@ def shrink(node) -> None:
                 node[key] = [min(v, 32) if isinstance(v, int) else v for v in value]
 
 
-def tiny(method: str):
+def tiny(method: str, data_dir):
+    if method == "clip":  # learns from image-caption pairs: a tiny captioned set in the real CSV layout
+        write_caption_set(data_dir, 64, label=True)
+        return compose("method=clip", "dataset=imagetext", f"dataset.train_file={data_dir / 'train.csv'}",
+                       f"dataset.test_file={data_dir / 'test.csv'}", "dataset.image_size=16", "dataset.num_workers=0",
+                       "backbone=small_cnn", "backbone.width=8", "backbone.feat_dim=32", "method.embed_dim=16",
+                       "method.text_width=32", "method.text_layers=1", "method.text_heads=2", "trainer.batch_size=16",
+                       "trainer.epochs=2", "trainer.checkpoint_every=1", "trainer.log_every=1",
+                       "eval.knn.enabled=false", "eval.linear.enabled=false", "monitor.figures.enabled=false",
+                       "monitor.knn_every=0")
     has_proj = "proj_hidden_dim" in OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml").get("method", {})
     fast = [o for o in FAST if has_proj or not o.startswith("method.proj_hidden_dim")]
     cfg = compose(*fast, f"method={method}", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16",
@@ -51,7 +60,9 @@ def final_state(run_dir):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_signal_then_resume_equals_uninterrupted(method, tmp_path, monkeypatch):
-    cfg = tiny(method)
+    if method == "clip":
+        pytest.importorskip("open_clip")
+    cfg = tiny(method, tmp_path / "data")
     quiet = Console(quiet=True)
     run(cfg, tmp_path / "straight", console=quiet)
 

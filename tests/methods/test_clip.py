@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from runner import engine_step, method_config
+from runner import engine_step, method_config, write_caption_set
 
 from sslrun.backbones.small_cnn import SmallCNN
 from sslrun.errors import SslrunError
@@ -106,27 +106,6 @@ def test_the_yaml_builds_the_method():
     assert method.max_log_scale == pytest.approx(math.log(100))
 
 
-def write_caption_set(folder, count: int, label: bool) -> None:
-    """Images of the synthetic dataset's classes as PNGs, captioned with their class name, in open_clip's CSV."""
-    import csv
-
-    from PIL import Image
-
-    from sslrun.data.datasets import synthetic
-
-    names = ["red fox", "blue whale", "green frog", "old truck"]
-    data = synthetic(num_train=count, num_test=count // 2, num_classes=4, image_size=16, channels=3, seed=0)
-    for split, images in (("train", data.train), ("test", data.test)):
-        (folder / split).mkdir(parents=True)
-        with open(folder / f"{split}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["filepath", "title"] + (["label"] if label else []))
-            for i in range(len(images)):
-                Image.fromarray(images.images[i].permute(1, 2, 0).numpy()).save(folder / split / f"{i}.png")
-                name = names[int(images.labels[i])]
-                w.writerow([f"{split}/{i}.png", f"a picture of a {name}"] + ([name] if label else []))
-
-
 TINY_CLIP = ["method=clip", "dataset=imagetext", "dataset.image_size=16", "dataset.num_workers=0", "backbone=small_cnn",
              "backbone.width=8", "backbone.feat_dim=32", "method.embed_dim=16",
              "method.text_width=32", "method.text_layers=1", "method.text_heads=2", "trainer.batch_size=32",
@@ -135,8 +114,6 @@ TINY_CLIP = ["method=clip", "dataset=imagetext", "dataset.image_size=16", "datas
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the engine does not pass FitInfo.captions yet: remove this marker when "
-                   "sslrun/engine/trainer.py gives FitInfo(captions=...) (a strict xfail fails once it does)")
 def test_clip_runs_end_to_end_on_an_image_caption_set(tmp_path):
     from runner import read_metrics, sslrun
 
