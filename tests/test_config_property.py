@@ -31,10 +31,10 @@ def override(key: str, value) -> str:
     return f"{key}={value}"
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pairs=st.lists(st.tuples(KEYS, VALUES), max_size=3), group=st.one_of(st.none(), GROUPS))
 def test_random_overrides_run_or_fail_cleanly(pairs, group, tmp_path_factory):
-    overrides = [*FAST, "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16", "trainer.epochs=1",
+    overrides = [*FAST, "dataset.num_train=32", "dataset.num_test=16", "trainer.batch_size=8", "trainer.epochs=1",
                  "eval.linear.epochs=1", "monitor.figures.enabled=false", "monitor.knn_every=0",
                  *([group] if group else []), *(override(k, v) for k, v in pairs)]
     try:
