@@ -32,7 +32,7 @@ from .eval.zero_shot import zero_shot_eval
 from .monitor.recorder import write_end_figures
 from .report.expected import judge
 
-EVAL_ONLY_GROUPS = ("backbone", "dataset")  # what eval.only takes from the checkpoint unless given now
+EVAL_ONLY_GROUPS = ("backbone", "dataset", "method")  # what eval.only takes from the checkpoint unless given now
 
 
 def _build(node: DictConfig, what: str, **kwargs):
@@ -77,6 +77,25 @@ def _eval_only_config(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictCo
         cfg[group] = node
     OmegaConf.set_struct(cfg, True)
     return cfg, ck
+
+
+def _checkpoint_backbone(cfg: DictConfig, ck: dict, backbone: torch.nn.Module) -> torch.nn.Module:
+    """The evaluated network of an eval-only checkpoint: the backbone, or, for a method that evaluates a network
+    of its own (CMC's two Lab encoders, CPC's patch pooling), the method's ``eval_backbone()`` rebuilt from
+    the checkpoint's method config. The checkpoint's ``backbone`` entry is that network's state either way."""
+    try:
+        backbone.load_state_dict(ck["backbone"])
+        return backbone
+    except RuntimeError as e:
+        first_error = str(e).splitlines()[0]
+    try:
+        network = _build(cfg.method, "method", backbone=backbone).eval_backbone()
+        network.load_state_dict(ck["backbone"])
+        return network
+    except (RuntimeError, SslrunError):
+        raise SslrunError(f"The checkpoint {cfg.eval.checkpoint} holds a different network than "
+                          f"backbone={cfg.backbone._target_} ({first_error}). Pass the backbone and method it was "
+                          "trained with (or drop backbone= / method= to use the checkpoint's).") from None
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
@@ -141,12 +160,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
     with SummaryWriter(str(run_dir), purge_step=purge) if main else _NoWriter() as writer:
         classifier = None  # a method's own head on its features (supervised, distillation): classifier_top1
         if ck is not None:
-            try:
-                backbone.load_state_dict(ck["backbone"])
-            except RuntimeError as e:
-                raise SslrunError(f"The checkpoint {cfg.eval.checkpoint} holds a different backbone than "
-                                  f"backbone={cfg.backbone._target_} ({str(e).splitlines()[0]}). Pass the backbone "
-                                  "it was trained with.") from e
+            backbone = _checkpoint_backbone(cfg, ck, backbone)
             metrics.update(epochs=ck["state"]["epoch"], steps=ck["state"]["step"], checkpoint=str(cfg.eval.checkpoint))
             if cfg.trainer.channels_last:  # the memory format the training run evaluated in: the same numbers
                 backbone.to(memory_format=torch.channels_last)

@@ -150,3 +150,14 @@ def test_disk_and_memory_failures_are_explained_and_leave_no_temp_file(tmp_path,
     assert "read-only" in explain(OSError(errno.EROFS, "Read-only file system"))
     assert "trainer.batch_size" in explain(MemoryError())
     assert explain(ValueError("a bug")) is None  # bugs keep their traceback
+
+
+@pytest.mark.slow
+def test_eval_only_of_a_method_that_evaluates_its_own_network(tmp_path):
+    # CMC evaluates its two Lab encoders, not the configured backbone: eval.only rebuilds them from the checkpoint.
+    args = [o for o in FAST if not o.startswith("method.")] + ["method=cmc", "monitor.figures.enabled=false"]
+    sslrun(*args, f"hydra.run.dir={tmp_path / 'train'}")
+    sslrun("eval.only=true", f"eval.checkpoint={tmp_path / 'train' / 'checkpoints' / 'last.pt'}",
+           "eval.linear.epochs=3", "monitor.figures.enabled=false", f"hydra.run.dir={tmp_path / 'eval'}")
+    trained, evaluated = read_metrics(tmp_path / "train"), read_metrics(tmp_path / "eval")
+    assert (evaluated["knn_top1"], evaluated["linear_top1"]) == (trained["knn_top1"], trained["linear_top1"])
