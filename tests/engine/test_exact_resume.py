@@ -47,6 +47,9 @@ def tiny(method: str, data_dir):
                        "monitor.knn_every=0")
     has_proj = "proj_hidden_dim" in OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml").get("method", {})
     fast = [o for o in FAST if has_proj or not o.startswith("method.proj_hidden_dim")]
+    if method == "distill":  # distils an earlier run: a tiny supervised teacher first
+        run(tiny("supervised", data_dir), data_dir / "teacher", console=Console(quiet=True))
+        fast.append(f"method.teacher={data_dir / 'teacher'}")
     cfg = compose(*fast, f"method={method}", "dataset.num_train=64", "dataset.num_test=32", "trainer.batch_size=16",
                   "trainer.epochs=2", "trainer.checkpoint_every=1", "eval.knn.enabled=false",
                   "eval.linear.enabled=false", "monitor.figures.enabled=false", "monitor.knn_every=0")
