@@ -7,7 +7,6 @@ or read-only disk, out of memory), 128 + N after a stop signal N (the checkpoint
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
@@ -16,31 +15,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape  # messages quote values like [0.08, 1.0], not markup
 
-from .errors import SslrunError
+from .errors import SslrunError, explain
 from .rundir import RunDirectory
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _task_started = False  # whether Hydra got as far as calling the task (else an exit 1 is a config error)
-DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}
-
-
-def explain(e: BaseException) -> str | None:
-    """The one-paragraph explanation of a failure the user can fix, or None for a bug (which keeps its traceback)."""
-    if isinstance(e, SslrunError):
-        return str(e)
-    if isinstance(e, OSError) and e.errno in DISK_ERRORS:
-        where = f" writing {e.filename}" if e.filename else ""
-        return (f"Could not write the run's files: {DISK_ERRORS[e.errno]}{where}. Free some space or point the run at "
-                "a writable directory (hydra.run.dir=<dir>, or hydra.sweep.dir for -m); the last good checkpoint "
-                "and the files already written are intact, and rerunning the same command resumes.")
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
-            isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
-        return ("Out of memory (" + (str(e).splitlines()[0][:200] if str(e) else type(e).__name__) + "). Lower "
-                "trainer.batch_size (and eval.batch_size for evaluation), use a smaller backbone or image size, or "
-                "dataset.storage=stream for data larger than memory; the last good checkpoint is intact.")
-    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -56,7 +37,7 @@ def _main(cfg: DictConfig) -> None:
     try:
         run_dir = _shared_run_dir(cfg, run_dir)
         if dist.is_main():
-            console = Console(record=True)
+            console = Console(record=True, soft_wrap=True)  # one line per message, also when piped
             with RunDirectory(run_dir, console):
                 run(cfg, run_dir, list(hc.overrides.task), console)
         else:
@@ -72,7 +53,7 @@ def _main(cfg: DictConfig) -> None:
         message = explain(e)
         if message is None:
             raise
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]sslrun error:[/] {message}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]sslrun error:[/] {escape(message)}", highlight=False)
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweep goes on: Hydra marks this job failed, sslrun.report.sweep_callback records it
         sys.exit(2)

@@ -51,8 +51,21 @@ def _unknown_keys(node: DictConfig, known: DictConfig, prefix: str) -> None:
             _unknown_keys(node[key], known[key], f"{prefix}.{key}")
 
 
+def _top_level_keys() -> list[str]:
+    """The config's top-level keys: one per group of conf/config.yaml's defaults, and an experiment's target."""
+    groups = [next(iter(d)) for d in OmegaConf.load(CONF / "config.yaml").defaults if isinstance(d, DictConfig)]
+    return [g for g in groups if not g.startswith(("experiment", "override "))] + ["expected"]
+
+
 def check_config(cfg: DictConfig) -> None:
     """Static checks of the composed config; data-dependent ones happen once the dataset is loaded."""
+    known = _top_level_keys()
+    for key in cfg:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            raise SslrunError(f"{key} is not a config group or key, so it would be ignored."
+                              + (f" Did you mean {close[0]}?" if close else "")
+                              + f" The top-level keys are: {', '.join(known)}.")
     for group in PLAIN_GROUPS:
         _unknown_keys(cfg[group], OmegaConf.load(CONF / group / "default.yaml"), group)
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.log_every", "trainer.checkpoint_every",

@@ -32,9 +32,6 @@ from .eval.zero_shot import zero_shot_eval
 from .monitor.recorder import write_end_figures
 from .report.expected import judge
 
-EVAL_ONLY_GROUPS = ("backbone", "dataset", "method")  # what eval.only takes from the checkpoint unless given now
-
-
 def _build(node: DictConfig, what: str, **kwargs):
     """``instantiate`` with the config group named in the error when the YAML and the code disagree."""
     try:
@@ -58,25 +55,27 @@ def override_keys(overrides: Sequence[str]) -> list[str]:
 
 
 def _eval_only_config(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, dict]:
-    """The checkpoint's backbone and dataset, with the command line's keys merged into them one by one.
+    """The checkpoint's whole stored config, with the command line's overrides merged into it key by key.
 
-    ``dataset=mnist`` replaces the stored dataset; ``dataset.limit_test=100`` changes that one key of it.
+    ``dataset.limit_test=100`` changes that one key of the stored dataset, ``dataset=mnist`` replaces the group;
+    everything not given (backbone, method, the probes' settings, the seed) is what the training run used, so
+    eval.only evaluates the checkpoint exactly as its own run did. Keys newer than the checkpoint keep their
+    defaults.
     """
     ck = load_checkpoint(cfg.eval.checkpoint)
     saved = OmegaConf.create(ck.get("config", {}))
-    keys = override_keys(overrides)
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    for group in EVAL_ONLY_GROUPS:
-        if group in keys or group not in saved:
-            continue  # a new choice of the whole group, or an old checkpoint without it
-        node = saved[group].copy()
-        for key in keys:
-            if key.startswith(group + "."):
-                OmegaConf.update(node, key[len(group) + 1:], OmegaConf.select(cfg, key), force_add=True)
-        cfg[group] = node
-    OmegaConf.set_struct(cfg, True)
-    return cfg, ck
+    out = cfg.copy()
+    OmegaConf.set_struct(out, False)
+    out = OmegaConf.merge(out, saved)
+    for key in override_keys(overrides):
+        if key.startswith("hydra."):
+            continue
+        if "." not in key and key in cfg:  # a new choice of a whole group
+            out[key] = cfg[key]
+        else:
+            OmegaConf.update(out, key, OmegaConf.select(cfg, key), force_add=True)
+    OmegaConf.set_struct(out, True)
+    return out, ck
 
 
 def _checkpoint_backbone(cfg: DictConfig, ck: dict, backbone: torch.nn.Module) -> torch.nn.Module:

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from runner import FAST, ROOT, read_metrics, sslrun
 
 from sslrun.checkpoint import save_checkpoint
-from sslrun.cli import explain
+from sslrun.errors import explain
 
 LONG = [*FAST, "method=simclr", "dataset.num_train=1024", "trainer.epochs=4", "monitor.figures.enabled=false"]
 
@@ -56,6 +56,10 @@ def test_a_sweep_into_an_old_sweep_directory_does_not_report_the_old_runs(tmp_pa
     assert "optimizer.lr" in proc.stderr  # the job was refused, naming the key
     assert read_metrics(tmp_path / "0") == old
     assert OmegaConf.load(tmp_path / "0" / ".hydra" / "config.yaml").optimizer.lr == 0.05
+    # The sweep's summary reports the refused job as failed, under its own overrides, without the old figures.
+    assert proc.returncode == 2
+    summary = (tmp_path / "summary.csv").read_text()
+    assert "failed" in summary and str(old["knn_top1"]) not in summary
 
 
 @pytest.mark.slow
@@ -115,8 +119,9 @@ def test_eval_only_merges_dataset_overrides_and_matches_the_training_run(tmp_pat
     sslrun(*FAST, "method=simclr", f"hydra.run.dir={train}")
     ckpt = train / "checkpoints" / "last.pt"
     same = tmp_path / "same"
-    sslrun("eval.only=true", f"eval.checkpoint={ckpt}", "eval.linear.epochs=3", f"hydra.run.dir={same}")
+    sslrun("eval.only=true", f"eval.checkpoint={ckpt}", f"hydra.run.dir={same}")  # the stored probe settings
     assert read_metrics(same)["linear_top1"] == read_metrics(train)["linear_top1"]
+    assert OmegaConf.load(same / ".hydra" / "config.yaml").method.proj_hidden_dim == 64  # the trained config
     limited = tmp_path / "limited"
     sslrun("eval.only=true", f"eval.checkpoint={ckpt}", "dataset.limit_test=100", f"hydra.run.dir={limited}")
     used = OmegaConf.load(limited / ".hydra" / "config.yaml")
@@ -128,6 +133,10 @@ def test_eval_only_merges_dataset_overrides_and_matches_the_training_run(tmp_pat
     (["--no-such-flag"], ["unrecognized arguments"]),
     (["trainer.epoch=3"], ["trainer.epoch"]),
     (["+trainer.epoch=3"], ["trainer.epoch", "Did you mean trainer.epochs"]),
+    (["+foo=1"], ["foo is not a config group"]),
+    (["+optimizer.lrr=0.1"], ["could not be built", "lrr"]),
+    (["trainer.batch_size=1"], ["at least 2"]),  # refused after .hydra/ and the curves file were written
+    (["hydra.run.dir=/proc/sslrun-test"], ["cannot be made"]),
 ])
 def test_config_errors_exit_2_and_leave_no_run_directory(args, words, tmp_path):
     proc = sslrun(*FAST, *args, f"hydra.run.dir={tmp_path / 'run'}", check=False)
@@ -161,3 +170,12 @@ def test_eval_only_of_a_method_that_evaluates_its_own_network(tmp_path):
            "eval.linear.epochs=3", "monitor.figures.enabled=false", f"hydra.run.dir={tmp_path / 'eval'}")
     trained, evaluated = read_metrics(tmp_path / "train"), read_metrics(tmp_path / "eval")
     assert (evaluated["knn_top1"], evaluated["linear_top1"]) == (trained["knn_top1"], trained["linear_top1"])
+
+
+@pytest.mark.slow
+def test_resume_force_trains_on_with_the_new_hyperparameters(tmp_path):
+    sslrun(*FAST, "method=simclr", f"hydra.run.dir={tmp_path}")
+    sslrun(*FAST, "method=simclr", "optimizer.lr=0.6", "trainer.resume_force=true", "trainer.epochs=2",
+           f"hydra.run.dir={tmp_path}")
+    ck = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert {g["base_lr"] for g in ck["optimizer"]["main"]["param_groups"]} == {0.6 * 64 / 256}

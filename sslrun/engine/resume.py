@@ -57,7 +57,8 @@ def check_resumable(ck: dict, current: dict, path: Path, force: bool) -> None:
             f"Not resuming {path}: the config differs from the one it was trained with in {len(diff)} key(s) "
             f"({shown}). Continuing would train on a mix of the two configs. Run it in a new directory (drop "
             "hydra.run.dir / hydra.sweep.dir), or rerun with the stored values; to continue anyway set "
-            f"trainer.resume_force=true. Keys that may always change: {', '.join(SAFE_TO_CHANGE)}.")
+            f"trainer.resume_force=true. Keys that may always change: "
+            f"{', '.join(k + '*' if k.endswith('.') else k for k in SAFE_TO_CHANGE)}.")
 
 
 def finished_message(ck: dict, trainer: Any, path: Path) -> str | None:

@@ -143,7 +143,12 @@ class Pretrainer:
             if set(saved) != set(self.optimizers):
                 raise KeyError(f"optimizers {sorted(saved)} in the checkpoint, {sorted(self.optimizers)} in this run")
             for name, o in self.optimizers.items():
+                # The checkpoint brings the optimizer's state (momenta); its hyperparameters (base lr, weight
+                # decay, ...) stay the ones this run's config gives, which differ only under resume_force.
+                hyper = [{k: v for k, v in g.items() if k != "params"} for g in o.optimizer.param_groups]
                 o.optimizer.load_state_dict(saved[name])
+                for group, h in zip(o.optimizer.param_groups, hyper):
+                    group.update(h)
         except (RuntimeError, ValueError, KeyError) as e:
             raise SslrunError(f"The checkpoint {self.ckpt_path} does not match this run's model or optimizer "
                               f"({str(e).splitlines()[0]}). Resume with the config it was written with, or set "
@@ -256,10 +261,9 @@ class Pretrainer:
         self.console.print(f"epoch {self.state.epoch}  step {self.state.step}/{self._expected_steps()}  "
                            f"{stats_line(self.monitor.last)}  {self._elapsed():.0f} s")
 
-    def _estimate_line(self) -> None:
-        """On a CPU, the run's expected length once the first steps are measured, and a faster command."""
-        ips = self.monitor.last["ips"]
-        if self.device.type != "cpu" or self.budget_s or not ips or ips != ips:
+    def _estimate_line(self, ips: float) -> None:
+        """On a CPU, the run's expected length from the speed of its second step, and a faster command."""
+        if self.device.type != "cpu" or self.budget_s or not dist.is_main():
             return
         hours = (self.total_steps - self.state.step) * self.cfg.trainer.batch_size / ips / 3600
         if hours > 0.5:
@@ -286,7 +290,7 @@ class Pretrainer:
         self.monitor.restart_clock()
         self.method.train()
         self._printed_at = None
-        stopped_by, out, first_session_step, estimated = None, None, self.state.step, False
+        stopped_by, out, first_session_step, t_prev_step = None, None, self.state.step, 0.0
         with StopSignals() as signals, training_progress(self.console) as bar:
             task = bar.add_task("pretrain", total=self.total_steps, completed=self.state.step,
                                 stats=stats_line(self.monitor.last))
@@ -301,13 +305,14 @@ class Pretrainer:
                 for images, index in self.batches.epoch(self.state.epoch, start):
                     out, lr = self._step(images, index)
                     st = self.state
+                    if st.step - first_session_step <= 2:  # the second step's speed: the first one warms up
+                        if st.step - first_session_step == 2:
+                            self._estimate_line(self.cfg.trainer.batch_size / (time.perf_counter() - t_prev_step))
+                        t_prev_step = time.perf_counter()
                     terms = {k: v for k, v in out.items() if k not in ("loss", "z") and v.ndim == 0}
                     if self.monitor.after_step(st, out["loss"], out["z"].detach(), lr, terms):
                         bar.update(task, completed=st.step, total=self._expected_steps(),
                                    stats=stats_line(self.monitor.last))
-                        if not estimated and st.step - first_session_step >= min(t.log_every, 20):
-                            estimated = True
-                            self._estimate_line()
                         if not self.console.is_terminal and (self._printed_at is None or
                                                              time.perf_counter() - self._printed_at > PRINT_EVERY_S):
                             self._print_line()

@@ -102,9 +102,11 @@ def read_run(path: Path) -> RunInfo:
     if (path / METRICS).is_file():
         info.metrics = json.loads((path / METRICS).read_text())
     if (path / JOB_ERROR).is_file():
+        # The directory's latest job failed (the sweep callback removes the file when a job succeeds): its
+        # overrides label the row, and a metrics.json beside it is an earlier run's result, not this job's.
         info.error = json.loads((path / JOB_ERROR).read_text())
-        if not info.overrides:  # the job failed before the run wrote .hydra/
-            info.overrides = parse_overrides(info.error.get("overrides", []))
+        info.overrides = parse_overrides(info.error.get("overrides", [])) or info.overrides
+        info.metrics = None
     return info
 
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from ..errors import SslrunError
-from .runs import METRICS, find_runs, write_job_error
+from .runs import JOB_ERROR, METRICS, find_runs, write_job_error
 
 
 class SweepSummary(Callback):
@@ -47,6 +47,7 @@ class SweepSummary(Callback):
             write_job_error(run_dir, job_return._return_value, job_return.overrides or [])
             job_return.status, job_return.return_value = JobStatus.COMPLETED, None
             return
+        (run_dir / JOB_ERROR).unlink(missing_ok=True)  # an earlier attempt's error no longer describes the job
         metrics = run_dir / METRICS
         if metrics.is_file():
             job_return.return_value = json.loads(metrics.read_text()).get(self.objective)
