@@ -66,7 +66,11 @@ def _eval_only_config(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictCo
     saved = OmegaConf.create(ck.get("config", {}))
     out = cfg.copy()
     OmegaConf.set_struct(out, False)
-    out = OmegaConf.merge(out, saved)
+    for group, node in saved.items():
+        # A built group (it has a _target_) is taken whole: another class's keys must not leak into it. The
+        # others (trainer, eval, monitor) are merged, so keys newer than the checkpoint keep their defaults.
+        is_built = isinstance(node, DictConfig) and "_target_" in node
+        out[group] = node if is_built or group not in out else OmegaConf.merge(out[group], node)
     for key in override_keys(overrides):
         if key.startswith("hydra."):
             continue

@@ -161,6 +161,13 @@ class DINO(Method):
     def on_epoch_start(self, state: TrainState) -> None:
         self._progress = state.progress
 
+    def get_extra_state(self) -> dict:
+        """The schedule's position is Python state: kept in the state dict so a resume mid-epoch is exact."""
+        return {"progress": self._progress}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._progress = state["progress"]
+
     def on_after_backward(self, state: TrainState) -> None:
         if self.clip_grad:
             clip_per_parameter([p for p in self.parameters() if p.requires_grad], self.clip_grad)
