@@ -93,7 +93,7 @@ def dataset() -> torch.Tensor:
 
 def state_of(method: Method) -> dict[str, torch.Tensor]:
     """Everything a step may change: parameters and buffers, and the clusterings kept outside the state dict."""
-    state = {k: v.detach().clone() for k, v in method.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in method.state_dict().items() if torch.is_tensor(v)}  # not extra state
     for i, (centroids, phi, assign) in enumerate(getattr(method, "clusterings", [])):
         state.update({f"clustering{i}.centroids": centroids, f"clustering{i}.phi": phi,
                       f"clustering{i}.assign": assign})
