@@ -42,6 +42,7 @@ def _main(cfg: DictConfig) -> None:
                 run(cfg, run_dir, list(hc.overrides.task), console)
         else:
             run(cfg, run_dir, list(hc.overrides.task), Console(quiet=True))
+        dist.barrier()  # the other ranks wait for rank 0's probes: tearing gloo down under it can abort a process
         dist.destroy()
     except StopRequested as e:
         sys.exit(128 + e.signum)
