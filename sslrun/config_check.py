@@ -76,6 +76,10 @@ def check_config(cfg: DictConfig) -> None:
     _number(cfg, "optimizer.weight_decay", positive=False, minimum=0)
     _number(cfg, "optimizer.warmup_epochs", positive=False, minimum=0)
     _number(cfg, "trainer.max_minutes", allow_none=True)
+    # Sizes and counts of the dataset group (each dataset has some of them); null where its YAML allows.
+    for key in ("image_size", "channels", "num_train", "num_test", "num_classes", "limit_train", "limit_test"):
+        if key in cfg.dataset:
+            _number(cfg, f"dataset.{key}", integer=True, allow_none=key.startswith("limit"))
     _number(cfg, "trainer.seed", integer=True, positive=False)
     _choice(cfg, "trainer.precision", ("auto", "bf16", "fp32"))
     _choice(cfg, "eval.knn.backend", ("torch", "faiss"))

@@ -39,7 +39,8 @@ def _build(node: DictConfig, what: str, **kwargs):
     except InstantiationException as e:
         if isinstance(e.__cause__, SslrunError):  # the target itself named the cause and the fix
             raise e.__cause__ from None
-        raise SslrunError(f"Could not build the {what} from its config ({node.get('_target_')}): {e}. "
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise SslrunError(f"Could not build the {what} from its config ({node.get('_target_')}): {last}. "
                           f"Check the {what} keys you overrode against conf/{what}/.") from e
 
 
@@ -99,6 +100,24 @@ def _checkpoint_backbone(cfg: DictConfig, ck: dict, backbone: torch.nn.Module) -
         raise SslrunError(f"The checkpoint {cfg.eval.checkpoint} holds a different network than "
                           f"backbone={cfg.backbone._target_} ({first_error}). Pass the backbone and method it was "
                           "trained with (or drop backbone= / method= to use the checkpoint's).") from None
+
+
+def _check_backbone_takes(backbone: torch.nn.Module, channels: int, sizes: list[int]) -> None:
+    """One forward of two blank images per view size, before training: a size the backbone cannot take (a view
+    smaller than its pooling) is refused here, naming the size, instead of failing at the first step."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            for size in sizes:
+                try:
+                    backbone(torch.zeros(2, channels, size, size))
+                except RuntimeError as e:
+                    raise SslrunError(f"The backbone cannot take {size}-px views ({str(e).splitlines()[0]}): raise "
+                                      "augmentation.views.N.size for that view, or pick a backbone for small "
+                                      "images.") from None
+    finally:
+        backbone.train(was_training)
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
@@ -172,8 +191,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
             method = _build(cfg.method, "method", backbone=backbone)
             augment = _build(cfg.augmentation, "augmentation", mean=splits.mean, std=splits.std)
             check_views_fit(cfg.augmentation.views, splits.image_size)
-            method.check_setup([r.out_size(splits.image_size) for r in augment.recipes for _ in range(r.count)],
-                               cfg.trainer.batch_size)
+            view_sizes = [r.out_size(splits.image_size) for r in augment.recipes for _ in range(r.count)]
+            method.check_setup(view_sizes, cfg.trainer.batch_size)
+            _check_backbone_takes(backbone, splits.channels, sorted(set(view_sizes)))
             if resume is not None:
                 console.print(f"Resuming {resume_path}.")
             trainer = Pretrainer(method, augment, splits, cfg, device, autocast_dtype, run_dir, writer, console,

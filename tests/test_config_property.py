@@ -14,7 +14,8 @@ from runner import FAST, compose
 from sslrun.errors import SslrunError
 from sslrun.run import run
 
-VALUES = st.one_of(st.integers(-3, 300), st.floats(-2, 2), st.sampled_from([float("nan"), float("inf")]),
+# Integers up to 40: past the 32-image bank, yet every run stays a few seconds long.
+VALUES = st.one_of(st.integers(-3, 40), st.floats(-2, 2), st.sampled_from([float("nan"), float("inf")]),
                    st.sampled_from(["abc", "", "null", "true", "[1,2]", "[1.5,2]", "[0.2,0.1]", "{a:1}", "auto"]))
 KEYS = st.sampled_from([
     "trainer.epochs", "trainer.batch_size", "trainer.precision", "trainer.log_every", "trainer.max_minutes",

@@ -204,6 +204,35 @@ def color_jitter(
 # ----------------------------------------------------------------------------- recipes and parameters
 
 
+_PAIRS = ("scale", "ratio", "blur_sigma")
+_INTS = ("count",)
+
+
+def _typed(key: str, value):
+    """A recipe value checked for its type (finite numbers; ints for counts and sizes; [min, max] pairs), so a
+    wrong type is one clear error here instead of a TypeError deep in the view code."""
+    def bad(kind: str) -> SslrunError:
+        return SslrunError(f"augmentation view key {key}={value!r} must be {kind}; fix augmentation.views.N.{key}.")
+
+    if key in _PAIRS:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+            raise bad("a [min, max] pair of numbers")
+        return tuple(_typed_number(v, bad("a [min, max] pair of finite numbers")) for v in value)
+    if key == "size" and value is None:
+        return None
+    if key in _INTS or key == "size":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer" + (" or null" if key == "size" else ""))
+        return value
+    return _typed_number(value, bad("a finite number"))
+
+
+def _typed_number(value, error: SslrunError) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise error
+    return float(value)
+
+
 @dataclass(frozen=True)
 class ViewRecipe:
     """One kind of view; every field has a default, so a config recipe can be partial."""
@@ -230,8 +259,7 @@ class ViewRecipe:
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise SslrunError(f"augmentation view has unknown key(s) {unknown}; known keys: {sorted(known)}")
-        pairs = {"scale", "ratio", "blur_sigma"}
-        return cls(**{k: tuple(float(v) for v in cfg[k]) if k in pairs else cfg[k] for k in cfg})
+        return cls(**{k: _typed(k, cfg[k]) for k in cfg})
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> SslrunError:
