@@ -41,9 +41,13 @@ CASES: dict[str, tuple[dict, bool]] = {
     "pcl": ({**HEAD, "queue_size": 32, "bn_splits": 1, "num_clusters": [4, 6], "warmup_epochs": 0,
              "kmeans_iters": 5, "kmeans_max_points_per_centroid": None}, False),
     "deepcluster": ({"num_clusters": 4, "pca_dim": 4}, False),
+    "deepclusterv2": ({**HEAD, "num_prototypes": [3, 4, 3]}, True),
     "instdisc": ({"proj_output_dim": 8, "nce_k": 16}, False),
     "instdisc_softmax": ({"proj_output_dim": 8, "loss": "softmax", "nce_k": None}, False),
 }
+# Cases whose state changes at epoch starts: epochs of this many steps, with on_epoch_start between them
+# (DeepCluster V2 clusters the first epoch's bank at the second's start and trains on it).
+EPOCH_STEPS = {"deepclusterv2": 1}
 # Batch norm in the backbone too: with global BN the processes agree; without it they do not.
 BN_CASES = {"simclr_cnn_syncbn": ("simclr", True), "simclr_cnn_local_bn": ("simclr", False),
             "mocov2_shuffle_bn": ("mocov2", False)}  # MoCo's Shuffle-BN: local BN on purpose
@@ -80,7 +84,7 @@ def build(case: str) -> tuple[Method, bool]:
 def global_batch(case: str, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Step ``step``'s views (two 12-px large crops, and six 6-px small crops for multi-crop) and indices."""
     g = torch.Generator().manual_seed(100 + step)
-    multicrop = case in ("swav", "dino")
+    multicrop = case in ("swav", "dino", "deepclusterv2")
     views = [torch.randn(B, 3, 12, 12, generator=g) for _ in range(2)]
     views += [torch.randn(B, 3, 6, 6, generator=g) for _ in range(6 if multicrop else 0)]
     return views, torch.randperm(NUM_SAMPLES, generator=g)[:B]
@@ -112,7 +116,9 @@ def run_case(case: str) -> dict:
         method.convert_sync_batchnorm()
     model = DistributedDataParallel(method, broadcast_buffers=False) if world > 1 else method
     data = dataset()
-    method.on_fit_start(FitInfo(num_samples=NUM_SAMPLES, steps_per_epoch=STEPS, total_steps=STEPS, epochs=1,
+    per_epoch = EPOCH_STEPS.get(case, STEPS)
+    method.on_fit_start(FitInfo(num_samples=NUM_SAMPLES, steps_per_epoch=per_epoch, total_steps=STEPS,
+                                epochs=STEPS // per_epoch,
                                 map_dataset=lambda fn: fn(data)))
     torch.manual_seed(1 + r)  # processes draw differently from here on: what must agree is broadcast
     method.on_epoch_start(TrainState())
@@ -121,6 +127,8 @@ def run_case(case: str) -> dict:
     state, out = TrainState(), {"loss": [], "grads": []}
     rows = slice(r * B // world, (r + 1) * B // world)
     for step in range(STEPS):
+        if step and step % per_epoch == 0:
+            method.on_epoch_start(TrainState(epoch=step // per_epoch, step=step, progress=step / STEPS))
         views, index = global_batch(case, step)
         result = model([v[rows] for v in views], index[rows])
         opt.zero_grad(set_to_none=True)
