@@ -8,9 +8,10 @@ turn) gives every image one cluster per set, and the prototypes become the centr
 cross-entropy of softmax(prototypes_h . z / T) against the image's cluster in set h, over every crop, averaged
 over the crops and the images and then over the P sets.
 
-The first epoch has no clustering yet: as in solo-learn (its assignments are -1, ignored by the
-cross-entropy), its loss is 0 with zero gradients while the bank fills. The official code instead fills
-the bank with a pass over the data before training and clusters at epoch 0.
+The first epoch has no clustering yet and trains on no target while the bank fills, as in solo-learn (whose
+first-epoch assignments are all -1: its cross-entropy, a mean over no target, is NaN with zero gradients); here
+the loss is 0 with zero gradients, so only weight decay moves the weights. The official code instead fills the
+bank with a pass over the data before training and clusters at epoch 0.
 
 k-means is :func:`~sslrun.methods.kmeans.kmeans` (faiss, spherical, every banked image as a training point),
 where the official code runs its own: the same Lloyd iterations on the unit sphere from random banked

@@ -158,3 +158,11 @@ def test_refuses_a_single_epoch_and_more_clusters_than_images():
     method.seen[:5] = True  # an epoch that saw fewer images than a set's clusters
     with pytest.raises(SslrunError, match=r"images seen in the last epoch, 5, into 8 clusters"):
         method.on_epoch_start(TrainState(epoch=1))
+
+
+def test_multicrop_is_accepted_and_a_small_crop_as_the_second_large_one_refused():
+    """The first two views are banked as the large crops: a small crop among them would be clustered as one."""
+    method = make()
+    method.check_setup([32, 32] + [18] * 6, 256)
+    with pytest.raises(SslrunError, match=r"first 2 views.*augmentation\.views\.0\.count=2"):
+        method.check_setup([32] + [18] * 6, 256)
