@@ -1,7 +1,8 @@
 """InfoNCE (van den Oord et al., 2018) as the MoCo family uses it.
 
-MoCo v1/v2 contrast a query with its positive key and a queue of negatives; MoCo v3 (and PCL's
-instance term) contrast it with the other keys of the batch. Every function here takes L2-normalised
+MoCo v1/v2 (and PCL's instance term, which is MoCo v2's) contrast a query with its positive key and a queue
+of negatives (``info_nce``); MoCo v3 contrasts it with the other keys of the batch (``info_nce_in_batch``);
+CMC uses either, with negatives from its memory banks or its batch. Every function here takes L2-normalised
 vectors: normalising the 65536 queued keys again at every step would be wasted work.
 """
 
