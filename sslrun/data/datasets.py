@@ -168,15 +168,25 @@ def _idx_folder(title: str, folders: list[Path], download: bool, files: _IdxDown
     return folders[-1]
 
 
-def _channel_stats(images: torch.Tensor | ImageFiles,
-                   max_images: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] units, on an evenly strided subset (cheap, deterministic).
-    Read 256 images at a time (``.to`` decodes a streamed set's), so a streamed set holds only those."""
+def channel_stats(images: torch.Tensor | ImageFiles,
+                  max_images: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a pretraining set, for normalising its views (``DatasetSplits.mean/std``).
+
+    Measured on an evenly strided subset of at most ``max_images`` images (cheap and deterministic), read 256
+    at a time (``.to`` decodes a streamed set's files), so a streamed set holds only those in memory; sums in
+    float64 keep the precision.
+
+    Args:
+        images: uint8 images [N, C, H, W], in memory or as ``ImageFiles`` (a streamed folder).
+        max_images: the most images the statistics are measured on.
+    Returns:
+        (mean, std): C floats each, in [0, 1] pixel units (pixel / 255).
+    """
     index = torch.arange(0, len(images), max(1, len(images) // max_images))
     channels = images.shape[1]
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
-    for chunk in index.split(256):  # float64 sums keep precision
+    for chunk in index.split(256):
         pixels = images[chunk].to("cpu").transpose(0, 1).reshape(channels, -1).float().div_(255)
         total += pixels.sum(1, dtype=torch.float64)
         squares += pixels.square().sum(1, dtype=torch.float64)
@@ -236,8 +246,17 @@ def mnist(root: str = "./data", download: bool = True, image_size: int = 28, cha
     return DatasetSplits("mnist", train, train, test, 10, (0.1307,), (0.3081,), [str(d) for d in range(10)])
 
 
-def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (keep, held_out) with ``fraction`` of every class held out, chosen by ``seed``."""
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A held-out split with the same share of every class: the test split of a folder without ``val_dir``.
+
+    Args:
+        labels: [N] class indices (one value everywhere, such as -1 for unlabelled images, gives a plain random
+            split).
+        fraction: the share of each class held out, in [0, 1]; a class's count is rounded.
+        seed: chooses the held-out images (the same seed, the same split).
+    Returns:
+        (keep, held_out): sorted indices into ``labels``, disjoint, together every index.
+    """
     generator = torch.Generator().manual_seed(seed)
     held_out = []
     for label in labels.unique().tolist():
@@ -310,7 +329,7 @@ def imagefolder(
     else:
         if not 0 < val_fraction < 1:
             raise SslrunError(f"dataset.val_fraction={val_fraction} must be between 0 and 1 (or set dataset.val_dir).")
-        keep, held_out = _stratified_split(train.labels, val_fraction, seed)
+        keep, held_out = stratified_split(train.labels, val_fraction, seed)
         if len(held_out) == 0:
             raise SslrunError(
                 f"dataset.val_fraction={val_fraction} holds out no image of {train_dir} ({len(train)} images): "
@@ -318,7 +337,7 @@ def imagefolder(
             )
         train, test = train.subset(keep), train.subset(held_out)
     if mean is None:
-        mean, std = _channel_stats(train.images)
+        mean, std = channel_stats(train.images)
     return DatasetSplits("imagefolder", train, train, test, len(train_classes), tuple(mean), tuple(std),
                          train_classes)
 
@@ -393,7 +412,7 @@ def synthetic(
     templates = _smooth_noise(num_classes, channels, image_size + image_size // 2, generator)
     train = _synthetic_split(templates, num_train, image_size, generator)
     test = _synthetic_split(templates, num_test, image_size, generator)
-    mean, std = _channel_stats(train.images)
+    mean, std = channel_stats(train.images)
     classes = [f"class_{i}" for i in range(num_classes)]
     return DatasetSplits("synthetic", train, train, test, num_classes, mean, std, classes)
 

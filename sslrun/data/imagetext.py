@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sslrun.data.datasets import _channel_stats, _stratified_split
+from sslrun.data.datasets import channel_stats, stratified_split
 from sslrun.data.folders import FolderListing, decode_into_memory
 from sslrun.data.image_set import DatasetSplits, ImageSet
 from sslrun.errors import SslrunError
@@ -180,10 +180,10 @@ def imagetext(train_file: str, test_file: str | None, image_root: str | None, fo
         if not 0 < val_fraction < 1:
             raise SslrunError(f"dataset.val_fraction={val_fraction} must be between 0 and 1 "
                               "(or set dataset.test_file).")
-        keep, held_out = _stratified_split(train.labels, val_fraction, seed)  # -1 everywhere: a plain random split
+        keep, held_out = stratified_split(train.labels, val_fraction, seed)  # -1 everywhere: a plain random split
         if len(held_out) == 0 or len(keep) == 0:
             raise SslrunError(f"dataset.val_fraction={val_fraction} leaves an empty split of {len(train)} pairs: "
                               "change it or set dataset.test_file.")
         train, test = train.subset(keep), train.subset(held_out)
-    mean, std = _channel_stats(train.images)
+    mean, std = channel_stats(train.images)
     return DatasetSplits("imagetext", train, train, test, len(classes), mean, std, classes)
