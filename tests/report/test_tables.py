@@ -119,19 +119,25 @@ def step_row(name: str, tmp_path_factory, monkeypatch, folders: Path):
 @pytest.mark.parametrize("name", ROWS)
 def test_every_row_takes_its_recipes_first_steps_and_is_judged(name, tmp_path_factory, monkeypatch, image_folders):
     cfg, m, trainer, _ = step_row(name, tmp_path_factory, monkeypatch, image_folders)
-    o, t = cfg.optimizer, cfg.trainer
-    base = o.lr * t.batch_size / 256 if o.scale_lr else o.lr  # the row's lr, scaled with the batch as its paper does
+    t = cfg.trainer
+    # The optimizer group's config, and a method's own named ones (distillation's hint regressor).
+    optimizers = {"main": cfg.optimizer, **cfg.method.get("optimizers", {})}
     total = t.epochs * trainer.steps_per_epoch  # the row's epochs: 2 steps are the first two of hundreds
     sizes = [v.size for v in cfg.augmentation.views for _ in range(v.count)]
     assert m["steps"] == len(trainer.records) == FirstSteps.steps
     for i, rec in enumerate(trainer.records):
         # Schedules read steps / total, or the time budget's fraction when a row has one and it is further on.
         assert rec["progress"] >= i / total if t.max_minutes else rec["progress"] == i / total
-        factor = warmup_cosine(rec["progress"], min(1.0, o.warmup_epochs / t.epochs), o.min_lr_factor,
-                               o.warmup_start_factor)
-        for base_lr, lr, fixed in rec["groups"]["main"]:
-            assert base_lr == pytest.approx(base), f"step {i}: the optimizer's base lr is not the row's"
-            assert lr == pytest.approx(base if fixed else base * factor), f"step {i}: the lr is not the schedule's"
+        assert set(rec["groups"]) <= set(optimizers) and "main" in rec["groups"]
+        for opt, groups in rec["groups"].items():
+            o = optimizers[opt]
+            base = o.lr * t.batch_size / 256 if o.scale_lr else o.lr  # scaled with the batch as the paper does
+            factor = warmup_cosine(rec["progress"], min(1.0, o.warmup_epochs / t.epochs), o.min_lr_factor,
+                                   o.warmup_start_factor)
+            for base_lr, lr, fixed in groups:
+                assert base_lr == pytest.approx(base), f"step {i}: optimizer {opt}'s base lr is not the row's"
+                assert lr == pytest.approx(base if fixed else base * factor), \
+                    f"step {i}: optimizer {opt}'s lr is not its schedule's"
         assert [(v[0], v[-1]) for v in rec["views"]] == [(t.batch_size, s) for s in sizes]  # the row's views
         assert math.isfinite(rec["loss"])
     after = trainer.method.state_dict()
