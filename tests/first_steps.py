@@ -2,7 +2,9 @@
 lr schedule, method hooks and views) without its hundreds of epochs.
 
 ``FirstSteps`` is the engine's ``Pretrainer`` stopping after ``steps`` steps at a step boundary (as
-``trainer.max_minutes`` stops a run: the checkpoint is written, then ``run`` evaluates). Put it in place of
+``trainer.max_minutes`` stops a run; then ``run`` evaluates), writing its final checkpoint only when
+``checkpoint`` is set (a checkpoint of wide heads and their optimizer state is tens of MB; every method's
+checkpoint and resume are tested in tests/engine/test_exact_resume.py). Put it in place of
 ``sslrun.run.Pretrainer`` (pytest's ``monkeypatch.setattr``) and call ``sslrun.run.run``: every check and build
 of a user's run happens, the schedule keeps the config's epochs, and ``FirstSteps.last`` is the trainer to read.
 """
@@ -27,6 +29,7 @@ class FirstSteps(Pretrainer):
     """
 
     steps = 2
+    checkpoint = False
     last: FirstSteps | None = None
 
     def __init__(self, *args, **kwargs) -> None:
@@ -56,6 +59,10 @@ class FirstSteps(Pretrainer):
             groups={name: [(g["base_lr"], g["lr"], g.get("fixed_lr", False)) for g in o.optimizer.param_groups]
                     for name, o in self.optimizers.items()})
         return out, lr
+
+    def _checkpoint(self) -> None:
+        if self.checkpoint:
+            super()._checkpoint()
 
     def _should_stop(self, signals) -> str | None:
         return "max_minutes" if self.state.step >= self.steps else super()._should_stop(signals)

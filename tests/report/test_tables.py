@@ -33,6 +33,16 @@ ROWS = [r.name for t in tables() for r in load_table(t)]  # every row of every t
 OWN_BACKBONE = {"distillation"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every run here is tiny (32-image batches through wide heads): one intra-op thread is faster than two
+    that wait on each other, several times faster on a busy shared CPU (as tests/monitor/conftest.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def compose_row(name: str, overrides: list[str] = SMOKE):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=[f"experiment={name}", *overrides, *EXTRA.get(name.split("/")[1], [])])
@@ -93,24 +103,25 @@ def test_dry_run_through_a_launcher_is_one_sweep(capsys):
 _STEPPED: dict[str, tuple] = {}  # row -> step_row's result (students distil from their teacher's run directory)
 
 
-def step_row(name: str, tmp_path_factory, monkeypatch, folders: Path):
+def step_row(name: str, tmp_path_factory, monkeypatch, folders: Path, checkpoint: bool = False):
     """``sslrun.run.run`` of the row's config (step_overrides) with FirstSteps as its trainer, once per row: the
-    row's config, its metrics, the trainer with its records and the run directory. A row whose ``method.teacher`` is another row's run directory
-    (``outputs/<table>/<row>``, that row's hydra.run.dir) distils from that row's stepped run, stepped first."""
+    row's config, its metrics, the trainer with its records and the run directory (with a checkpoint if asked).
+    A row whose ``method.teacher`` is another row's run directory (``outputs/<table>/<row>``, that row's
+    hydra.run.dir) distils from that row's stepped run and checkpoint, stepped first."""
     from sslrun.run import run
 
-    if name in _STEPPED:
-        return _STEPPED[name]
+    done = _STEPPED.get(name)
+    if done and (not checkpoint or (done[3] / "checkpoints" / "last.pt").is_file()):
+        return done
     cfg = compose_row(name, step_overrides(name, folders))
     teacher = cfg.method.get("teacher")
     if teacher:
         row = "/".join(Path(teacher).parts[-2:])
         assert row in ROWS, f"{name}: method.teacher={teacher} is not the run directory of a row of its table"
-        if row not in _STEPPED:
-            step_row(row, tmp_path_factory, monkeypatch, folders)
-        cfg.method.teacher = str(_STEPPED[row][3])
+        cfg.method.teacher = str(step_row(row, tmp_path_factory, monkeypatch, folders, checkpoint=True)[3])
     run_dir = tmp_path_factory.mktemp(name.replace("/", "_"))
     monkeypatch.setattr("sslrun.run.Pretrainer", FirstSteps)
+    monkeypatch.setattr(FirstSteps, "checkpoint", checkpoint)
     metrics = run(cfg, run_dir, console=Console(quiet=True))
     _STEPPED[name] = cfg, metrics, FirstSteps.last, run_dir
     return _STEPPED[name]
