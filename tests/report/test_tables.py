@@ -62,8 +62,8 @@ def step_overrides(name: str, folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def image_folders(tmp_path_factory) -> Path:
-    """``train/`` (4 images per class: one batch of 32) and ``test/`` (2 per class) of the synthetic set's 10 classes as 32-px PNGs
-    in class folders: the distillation rows' CIFAR-10 folders in small."""
+    """``train/`` (4 images per class, 40: one batch of 32 per epoch) and ``test/`` (2 per class) of the synthetic
+    set's 10 classes as 32-px PNGs in class folders: the distillation rows' CIFAR-10 folders in small."""
     from PIL import Image
 
     from sslrun.data.datasets import synthetic
