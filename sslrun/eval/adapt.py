@@ -12,12 +12,17 @@ batch, online:
   4. the alignment loss weights, over each sample's ``top_k`` most similar supports, the squared distance between
      its logits and their scores by the similarity, with the official code's sign (``neighbour_alignment_loss``);
   5. one optimiser step on the featurizer (and the classifier with ``update_classifier``); p is the prediction.
-Accuracy is measured before adaptation (the source model) and online, during it, per corruption and severity.
+Batch norm normalises with each test batch's statistics while adapting (``batch_norm: batch``), as the official
+script, which puts the whole model in train mode (``algorithm.train()``). Accuracy is measured before adaptation
+(the source model, running statistics), with test-batch statistics alone (``_bn``: Schneider et al., NeurIPS 2020,
+"Improving robustness against common corruptions by covariate shift adaptation" — the baseline TSD's gains are
+judged against), and online, during TSD, per corruption and severity.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,8 @@ from ..errors import SslrunError
 from .corruptions import corrupt
 
 PREFIX = "tta_"
+WHEN = ("before", "bn", "after")  # source model; test-batch batch norm alone; during TSD
+STAGE = {"before": "source", "bn": "test-batch BN", "after": "TSD"}
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -125,16 +132,35 @@ class TSD:
 
 
 def _batches(images: torch.Tensor, splits: DatasetSplits, device: torch.device, batch_size: int):
-    for i in range(0, images.shape[0], batch_size):
-        yield normalize(images[i:i + batch_size].to(device), splits.mean, splits.std)
+    """The online stream in order. A last batch of one image joins the one before: batch norm cannot normalise a
+    single image with its own statistics."""
+    starts = list(range(0, images.shape[0], batch_size))
+    if len(starts) > 1 and images.shape[0] - starts[-1] == 1:
+        starts.pop()
+    for lo, hi in zip(starts, starts[1:] + [images.shape[0]]):
+        yield normalize(images[lo:hi].to(device), splits.mean, splits.std)
+
+
+def _normalise_with_test_batches(featurizer: nn.Module) -> nn.Module:
+    """Batch-norm layers in train mode (each batch's own statistics); everything else (dropout) stays in eval."""
+    for m in featurizer.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    return featurizer
+
+
+def _predict(featurizer: nn.Module, classifier: nn.Module, batches) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([classifier(featurizer(x).float()) for x in batches])
 
 
 def adapt_on_corruptions(backbone: nn.Module, probe: nn.Module | None, splits: DatasetSplits, cfg: DictConfig,
                          device: torch.device) -> dict[str, float]:
     """Top-1 accuracy of backbone + linear ``probe`` (``train_linear``'s output: ``linear``, ``mean``, ``std``) on
-    each corrupted copy of a fixed test subset, before (``tta_<corruption>_s<severity>_before``) and during TSD
+    each corrupted copy of a fixed test subset: before adaptation (``tta_<corruption>_s<severity>_before``), with
+    batch norm on test-batch statistics alone (``..._bn``, only with ``batch_norm: batch``) and online during TSD
     (``..._after``), each shifted set starting from a fresh copy of the backbone; and their means
-    (``tta_mean_before/after``). The backbone stays in eval mode (batch norm keeps its running statistics).
+    (``tta_mean_before/bn/after``). With ``batch_norm: running`` batch norm keeps the source's running statistics.
 
     Raises:
         SslrunError: for an unknown ``eval.tta.method``, corruption or severity, or without a linear probe.
@@ -144,6 +170,9 @@ def adapt_on_corruptions(backbone: nn.Module, probe: nn.Module | None, splits: D
     if probe is None:
         raise SslrunError("eval.tta adapts the linear-probed model, but eval.linear.enabled=false; enable the linear "
                           "probe, or set eval.tta.method=none.")
+    if cfg.batch_norm not in ("batch", "running"):
+        raise SslrunError(f"eval.tta.batch_norm={cfg.batch_norm!r}: use batch (normalise with each test batch's "
+                          "statistics, as the official TSD code) or running (the source model's statistics).")
     test = splits.test
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(test), generator=g)[:cfg.num_test or len(test)]  # a mixed stream of classes
@@ -154,36 +183,42 @@ def adapt_on_corruptions(backbone: nn.Module, probe: nn.Module | None, splits: D
             shifted = corrupt(images, name, int(severity), cfg.seed)
             featurizer = Standardised(copy.deepcopy(backbone), probe.mean, probe.std).to(device).eval()
             classifier = copy.deepcopy(probe.linear).to(device)
-            with torch.no_grad():
-                before = torch.cat([classifier(featurizer(x).float()) for x in
-                                    _batches(shifted, splits, device, cfg.batch_size)])
+            stream = functools.partial(_batches, shifted, splits, device, cfg.batch_size)  # one pass per call
+            logits = {"before": _predict(featurizer, classifier, stream())}
+            if cfg.batch_norm == "batch":
+                # Train-mode forwards also move the running statistics; this copy's are not used again.
+                logits["bn"] = _predict(_normalise_with_test_batches(featurizer), classifier, stream())
             tsd = TSD(featurizer, classifier, cfg)
-            after = torch.cat([tsd.step(x) for x in _batches(shifted, splits, device, cfg.batch_size)])
-            key = f"{PREFIX}{name}_s{severity}"
-            results[f"{key}_before"] = (before.argmax(1) == labels).float().mean().item()
-            results[f"{key}_after"] = (after.argmax(1) == labels).float().mean().item()
-    for when in ("before", "after"):
+            logits["after"] = torch.cat([tsd.step(x) for x in stream()])
+            for when, out in logits.items():
+                results[f"{PREFIX}{name}_s{severity}_{when}"] = (out.argmax(1) == labels).float().mean().item()
+    for when in WHEN:
         vals = [v for k, v in results.items() if k.endswith(f"_{when}")]
-        results[f"{PREFIX}mean_{when}"] = sum(vals) / len(vals)
+        if vals:
+            results[f"{PREFIX}mean_{when}"] = sum(vals) / len(vals)
     return results
 
 
 def tta_table(metrics: dict) -> Table:
-    """Accuracy before -> after adaptation: one row per corruption, one column per severity."""
-    keys = [k for k in metrics if k.startswith(PREFIX) and k.endswith("_before") and "_mean_" not in k]
-    rows: dict[str, dict[str, str]] = {}
-    for k in keys:
-        stem = k[len(PREFIX):-len("_before")]
-        name, sev = stem.rsplit("_s", 1)
-        rows.setdefault(name, {})[sev] = f"{metrics[k]:.3f} -> {metrics[k[:-len('_before')] + '_after']:.3f}"
-    severities = sorted({s for r in rows.values() for s in r}, key=int)
-    table = Table(title="Test-time adaptation (TSD): top-1 before -> after, per severity")
-    table.add_column("corruption")
-    for s in severities:
-        table.add_column(f"s{s}", justify="right")
-    for name, r in rows.items():
-        table.add_row(name, *(r.get(s, "") for s in severities))
-    if f"{PREFIX}mean_before" in metrics:
-        table.add_row("mean", f"{metrics[PREFIX + 'mean_before']:.3f} -> {metrics[PREFIX + 'mean_after']:.3f}",
-                      *([""] * (len(severities) - 1)))
+    """Top-1 accuracy per corruption (rows: the source model, test-batch batch norm alone where measured, during
+    TSD) and severity (columns), with each row's mean over severities and the overall means."""
+    stems = [k[len(PREFIX):-len("_before")] for k in metrics
+             if k.startswith(PREFIX) and k.endswith("_before") and not k.startswith(PREFIX + "mean_")]
+    severities = sorted({stem.rsplit("_s", 1)[1] for stem in stems}, key=int)
+    names = list(dict.fromkeys(stem.rsplit("_s", 1)[0] for stem in stems))
+    table = Table(title="Test-time adaptation (TSD): top-1 per corruption and severity")
+    table.add_column("corruption", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    for s in [*severities, "mean"]:
+        table.add_column(s if s == "mean" else f"s{s}", justify="right")
+    for name in [*names, "all"]:
+        for when in WHEN:
+            keys = ([f"{PREFIX}mean_{when}"] if name == "all" else
+                    [f"{PREFIX}{name}_s{s}_{when}" for s in severities])
+            if not all(k in metrics for k in keys):
+                continue
+            vals = [metrics[k] for k in keys]
+            cells = ([""] * len(severities) if name == "all" else [f"{v:.3f}" for v in vals])
+            table.add_row(name if when == "before" else "", STAGE[when], *cells, f"{sum(vals) / len(vals):.3f}",
+                          end_section=when == "after")
     return table

@@ -100,13 +100,17 @@ def test_tsd_adapts_a_copy_and_reports_before_and_after():
     cfg = OmegaConf.merge(TTA, {"method": "tsd", "corruptions": ["contrast", "gaussian_noise"], "severities": [1, 5],
                                 "num_test": 32, "batch_size": 16, "lr": 1e-2, "filter_K": 5})
     out = adapt_on_corruptions(net, probe, splits, cfg, torch.device("cpu"))
-    assert len(out) == 2 * 2 * 2 + 2
+    assert len(out) == 2 * 2 * 3 + 3  # before, bn, after per set; and their means
     assert all(0.0 <= v <= 1.0 for v in out.values())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the original is untouched
     text = Console(width=200, record=True)
     text.print(tta_table(out))
     shown = text.export_text()
-    assert "contrast" in shown and f"{out['tta_contrast_s5_before']:.3f} -> {out['tta_contrast_s5_after']:.3f}" in shown
+    first_tsd = next(line for line in shown.splitlines() if line.count("│") > 3 and line.split("│")[2].strip() == "TSD")
+    tsd_row = [c.strip() for c in first_tsd.split("│")[3:-1]]  # contrast's TSD row: s1, s5, mean
+    expect = [out["tta_contrast_s1_after"], out["tta_contrast_s5_after"]]
+    assert tsd_row == [f"{v:.3f}" for v in [*expect, sum(expect) / 2]]
+    assert "contrast" in shown and "test-batch BN" in shown and f"{out['tta_mean_bn']:.3f}" in shown
     with pytest.raises(SslrunError, match="linear"):
         adapt_on_corruptions(net, None, splits, cfg, torch.device("cpu"))
 
@@ -125,3 +129,57 @@ def test_tsd_step_updates_the_featurizer_and_bounds_the_memory():
     assert not torch.equal(feat.weight, w_feat) and torch.equal(clf.weight, w_clf)  # update_classifier=false
     per_class = tsd.labels.argmax(1).bincount(minlength=2)
     assert per_class.max() <= 3 and len(tsd.supports) == per_class.sum()
+
+
+def bn_backbone():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.5), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+
+
+def probe_on(net, splits):
+    net.train()
+    with torch.no_grad():  # running statistics of the clean images, as after pretraining
+        for _ in range(20):
+            net((splits.train.images.float() / 255 - 0.5) / 0.25)
+    net.eval()
+    with torch.no_grad():
+        feats = net((splits.train.images.float() / 255 - 0.5) / 0.25)
+    return train_linear(feats, splits.train.labels, 2, epochs=20, lr=0.1, batch_size=32)
+
+
+def test_batch_norm_modes_without_a_step_are_the_source_model_and_test_batch_statistics():
+    """lr = 0: TSD changes no weight, so 'after' must be the source model with running statistics
+    (batch_norm=running) or test-batch statistics (batch_norm=batch, then equal to the '_bn' column)."""
+    splits, net = toy_splits(), bn_backbone()
+    probe = probe_on(net, splits)
+    base = {"method": "tsd", "corruptions": ["contrast"], "severities": [5], "num_test": 48, "batch_size": 16,
+            "lr": 0.0, "filter_K": 5}
+    running = adapt_on_corruptions(net, probe, splits, OmegaConf.merge(TTA, base, {"batch_norm": "running"}),
+                                   torch.device("cpu"))
+    assert "tta_contrast_s5_bn" not in running
+    assert running["tta_contrast_s5_after"] == running["tta_contrast_s5_before"]
+    batch = adapt_on_corruptions(net, probe, splits, OmegaConf.merge(TTA, base, {"batch_norm": "batch"}),
+                                 torch.device("cpu"))
+    assert batch["tta_contrast_s5_after"] == batch["tta_contrast_s5_bn"]
+    assert batch["tta_contrast_s5_before"] == running["tta_contrast_s5_before"]
+    # Running statistics that do not fit the test data (the source's mean far off): the source model sees all-zero
+    # features after the ReLU and guesses one class; each test batch's own statistics restore it.
+    net[1].running_mean.fill_(10.0)
+    off = adapt_on_corruptions(net, probe, splits, OmegaConf.merge(TTA, base, {"severities": [1], "num_test": None}),
+                               torch.device("cpu"))
+    assert off["tta_contrast_s1_before"] == 0.5 and off["tta_contrast_s1_bn"] > 0.9
+    with pytest.raises(SslrunError, match="batch_norm"):
+        adapt_on_corruptions(net, probe, splits, OmegaConf.merge(TTA, base, {"batch_norm": "train"}),
+                             torch.device("cpu"))
+
+
+def test_test_batch_normalisation_leaves_dropout_off_and_never_normalises_one_image():
+    from sslrun.eval.adapt import _batches, _normalise_with_test_batches
+
+    net = _normalise_with_test_batches(bn_backbone().eval())
+    assert net[1].training and not net[3].training and not net[0].training
+    splits = toy_splits(n=33)
+    sizes = [len(b) for b in _batches(splits.test.images, splits, torch.device("cpu"), 16)]
+    assert sizes == [16, 17]
+    assert [len(b) for b in _batches(splits.test.images[:32], splits, torch.device("cpu"), 16)] == [16, 16]
