@@ -24,8 +24,8 @@ class FirstSteps(Pretrainer):
     ``records[i]`` holds step i's ``progress`` (the fraction of the budget the schedules read), ``loss``, the
     ``views`` it trained on ([B, C, H, W] shapes, in order), ``backbone_grad`` (the L2 norm of the gradient the
     loss gave the backbone's parameters; 0 when none reached them) and ``groups``: per optimizer name, each
-    parameter group's ``(base_lr, lr, fixed_lr)`` as the step used them. ``before`` is the method's state (parameters and
-    buffers) just before the first step, after ``on_fit_start`` and ``on_epoch_start``.
+    parameter group's ``(base_lr, lr, fixed_lr)`` as the step used them. ``before`` is the method's tensors
+    (parameters and buffers) just before the first step, after ``on_fit_start`` and ``on_epoch_start``.
     """
 
     steps = 2
