@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 
 
 class SslrunError(Exception):
@@ -24,6 +25,27 @@ DISK_ERRORS = {
 }
 
 
+def build_error(e: Exception, group: str | None, target: str | None) -> SslrunError:
+    """The paragraph for a config node (``dataset``, ``backbone``, ``method``, ``optimizer``,
+    ``method.optimizers.<name>``; None when unknown) that Hydra could not instantiate as ``target``: the target's
+    own ``SslrunError`` as it is; a key the target does not take, by name (usually a key set for another choice
+    of the group, e.g. an experiment's ``dataset.train_dir`` under ``dataset=synthetic``, or a misspelling
+    added with +); otherwise the last line of the error."""
+    cause = e.__cause__
+    if isinstance(cause, SslrunError):
+        return cause
+    show = "`sslrun --cfg job` shows the composed config"
+    if isinstance(cause, TypeError) and (m := re.search(r"unexpected keyword argument '(\w+)'", str(cause))):
+        key = f"{group}.{m.group(1)}" if group else m.group(1)
+        return SslrunError(
+            f"{key} is not a setting of {target or 'the class it configures'} (it takes no such argument). It was "
+            f"set by an experiment or an override written for another {group or 'group'} choice, or it is "
+            f"misspelled. Drop it (~{key}), or pick the choice it was written for ({show}).")
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return SslrunError(f"Could not build {group or 'a config group'} from its config ({target or 'see above'}): "
+                       f"{last}. Check the keys you overrode ({show}).")
+
+
 def explain(e: BaseException) -> str | None:
     """The one-paragraph explanation of a failure the user can fix, or None for a bug (which keeps its traceback)."""
     from hydra.errors import InstantiationException
@@ -31,10 +53,7 @@ def explain(e: BaseException) -> str | None:
     if isinstance(e, SslrunError):
         return str(e)
     if isinstance(e, InstantiationException):  # a config key its class does not take, or a value it refuses
-        cause = e.__cause__ if isinstance(e.__cause__, SslrunError) else None
-        return str(cause) if cause else (
-            f"A config group could not be built: {str(e).strip().splitlines()[-1]}. Check the keys you overrode "
-            "against `sslrun --cfg job` (a misspelled key added with + reaches the class as an unknown argument).")
+        return str(build_error(e, None, None))
     if isinstance(e, OSError) and e.errno in DISK_ERRORS:
         what, fix = DISK_ERRORS[e.errno]
         where = f" ({e.filename})" if e.filename else ""

@@ -24,7 +24,7 @@ from .data.datasets import load_dataset
 from .engine.device import resolve_device, resolve_precision
 from .engine.resume import check_resumable, finished_message
 from .engine.trainer import Pretrainer
-from .errors import SslrunError
+from .errors import SslrunError, build_error
 from .eval.adapt import tta_table
 from .eval.evaluate import evaluate
 from .eval.finetune import finetune_eval
@@ -37,11 +37,7 @@ def _build(node: DictConfig, what: str, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
-        if isinstance(e.__cause__, SslrunError):  # the target itself named the cause and the fix
-            raise e.__cause__ from None
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise SslrunError(f"Could not build the {what} from its config ({node.get('_target_')}): {last}. "
-                          f"Check the {what} keys you overrode against conf/{what}/.") from e
+        raise build_error(e, what, node.get("_target_")) from None
 
 
 def device_name(device: torch.device) -> str:

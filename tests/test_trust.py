@@ -135,7 +135,8 @@ def test_eval_only_merges_dataset_overrides_and_matches_the_training_run(tmp_pat
     (["trainer.epoch=3"], ["trainer.epoch"]),
     (["+trainer.epoch=3"], ["trainer.epoch", "Did you mean trainer.epochs"]),
     (["+foo=1"], ["foo is not a config group"]),
-    (["+optimizer.lrr=0.1"], ["could not be built", "lrr"]),
+    (["+optimizer.lrr=0.1"], ["optimizer.lrr is not a setting of torch.optim"]),
+    (["+backbone.widht=3"], ["backbone.widht is not a setting"]),
     (["trainer.batch_size=1"], ["at least 2"]),  # refused after .hydra/ and the curves file were written
 ])
 def test_config_errors_exit_2_and_leave_no_run_directory(args, words, tmp_path):
@@ -144,6 +145,15 @@ def test_config_errors_exit_2_and_leave_no_run_directory(args, words, tmp_path):
     for w in words:
         assert w in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_key_set_for_another_choice_of_the_group_is_named(tmp_path):
+    """The distillation rows set imagefolder's train_dir; under dataset=synthetic that key is named, not a TypeError."""
+    proc = sslrun("experiment=distillation/teacher", "dataset=synthetic", f"hydra.run.dir={tmp_path / 'run'}",
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "dataset.train_dir is not a setting of sslrun.data.datasets.synthetic" in proc.stderr
+    assert "~dataset.train_dir" in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_a_run_directory_that_cannot_be_made_is_one_paragraph():

@@ -27,7 +27,7 @@ from sslrun.data.folders import list_image_folder, read_image_folder
 from sslrun.data.formats import IDX_STEMS, idx_file, read_cifar10, read_cifar100, read_mnist_folder, read_stl10
 from sslrun.data.image_set import DatasetSplits, ImageSet
 from sslrun.data.stream import ImageFiles
-from sslrun.errors import SslrunError
+from sslrun.errors import SslrunError, build_error
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 LIMIT_SEED = 0  # limit_train / limit_test subsets are the same in every run
@@ -448,10 +448,8 @@ def load_dataset(cfg: DictConfig | Mapping[str, Any]) -> DatasetSplits:
         kwargs.pop(key, None)
     try:
         splits = hydra.utils.instantiate(kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, SslrunError):  # hydra wraps what the builder raised; show ours as is
-            raise e.__cause__ from None
-        raise
+    except InstantiationException as e:  # hydra wraps what the builder raised
+        raise build_error(e, "dataset", kwargs.get("_target_")) from None
     train = _limit(splits.train, limit_train, "limit_train")
     pretrain = train if splits.pretrain is splits.train else splits.pretrain
     return dataclasses.replace(

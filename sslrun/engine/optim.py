@@ -6,11 +6,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..errors import SslrunError
+from ..errors import SslrunError, build_error
 from ..methods.base import Method
 
 # Keys of the optimizer group that the engine handles; everything else goes to the optimizer class.
@@ -30,10 +31,15 @@ def _split_decay(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[n
     return decay, no_decay
 
 
-def build_optimizer(cfg: DictConfig, groups: list[dict], batch_size: int) -> torch.optim.Optimizer:
+def build_optimizer(cfg: DictConfig, groups: list[dict], batch_size: int, key: str = "optimizer"
+                    ) -> torch.optim.Optimizer:
     """Build the optimizer over a method's parameter groups.
 
-    Each group gets ``base_lr`` (what the schedule multiplies); groups marked ``fixed_lr`` keep it.
+    Each group gets ``base_lr`` (what the schedule multiplies); groups marked ``fixed_lr`` keep it. ``key`` is
+    where ``cfg`` sits in the run's config (``optimizer``, ``method.optimizers.<name>``), for the error message.
+
+    Raises:
+        SslrunError: when the optimizer class refuses the config (a key it does not take, a bad value).
     """
     lr = effective_lr(cfg, batch_size)
     out = []
@@ -47,7 +53,10 @@ def build_optimizer(cfg: DictConfig, groups: list[dict], batch_size: int) -> tor
                 out.append({"params": plist, "lr": lr, "base_lr": lr, "weight_decay": wd, **extra,
                             **({"lars_exclude": True} if excluded and _is_lars(cfg) else {})})
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in SCHEDULE_KEYS}
-    return instantiate(kwargs, out, lr=lr, weight_decay=cfg.weight_decay)
+    try:
+        return instantiate(kwargs, out, lr=lr, weight_decay=cfg.weight_decay)
+    except InstantiationException as e:
+        raise build_error(e, key, kwargs.get("_target_")) from None
 
 
 @dataclass
@@ -74,7 +83,7 @@ def build_optimizers(main_cfg: DictConfig, method: Method, batch_size: int) -> d
             raise SslrunError(f"{type(method).__name__}.named_optimizers() names an optimizer 'main', the name of the "
                               "one the optimizer group builds; rename it.")
         cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-        out[name] = NamedOptimizer(build_optimizer(cfg, named_groups, batch_size), cfg)
+        out[name] = NamedOptimizer(build_optimizer(cfg, named_groups, batch_size, f"method.optimizers.{name}"), cfg)
     if not out:
         raise SslrunError(f"{type(method).__name__} has no trainable parameter for any optimizer; check that its "
                           "param_groups() or named_optimizers() return the networks it trains.")
