@@ -134,3 +134,25 @@ def test_bad_configurations_are_refused(tmp_path):
         build(None)
     with pytest.raises(SslrunError, match="No checkpoint"):
         build(tmp_path / "nowhere")
+
+
+def test_the_cached_teacher_gives_the_same_losses_and_runs_once_per_image(tmp_path):
+    _, run_dir = teacher_checkpoint(tmp_path)
+    kw = dict(soft_weight=0.25, label_weight=0.75, cosine_weight=0.5, hint_weight=0.5)
+    plain, cached = build(run_dir, **kw).eval(), build(run_dir, cache_teacher=True, **kw).eval()  # no dropout
+    info = FitInfo(12, 1, 1, 1, labels=torch.arange(12) % 3)
+    plain.on_fit_start(info)
+    cached.on_fit_start(info)
+    calls = []
+    teach = cached._teach
+    cached._teach = lambda x: calls.append(len(x)) or teach(x)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(12, 3, 8, 8, generator=g)
+    for index in (torch.arange(8), torch.tensor([4, 9, 2, 11, 0, 10, 7, 8]), torch.arange(8)):  # epochs of 8
+        a, b = plain([images[index]], index), cached([images[index]], index)
+        for k in ("soft", "cosine", "hint", "loss"):
+            assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7), k
+    assert calls == [8, 4]  # the first 8 images, then only the 4 never seen (9, 11, 10, 8); the last batch: none
+    flipped = images[:8].flip(-1)  # an augmented view of cached images
+    with pytest.raises(SslrunError, match="augmentation=none"):
+        cached([flipped], torch.arange(8))
