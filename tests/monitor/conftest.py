@@ -1,12 +1,6 @@
 import pytest
-import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run tiny tensors in-process: one intra-op thread is faster than two that wait on each
-    other, much faster on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True)
+def _tiny_runs(one_thread):
+    """Every test here runs tiny tensors in-process: one intra-op thread (tests/conftest.py)."""

@@ -33,14 +33,7 @@ ROWS = [r.name for t in tables() for r in load_table(t)]  # every row of every t
 OWN_BACKBONE = {"distillation"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every run here is tiny (32-image batches through wide heads): one intra-op thread is faster than two
-    that wait on each other, several times faster on a busy shared CPU (as tests/monitor/conftest.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every run here is tiny: 32-image batches through wide heads
 
 
 def compose_row(name: str, overrides: list[str] = SMOKE):
