@@ -6,7 +6,8 @@
     sslrun-reproduce simsiam_appD --rows simsiam trainer.device=cuda:1   # some rows, extra overrides
 
 A table is a folder ``conf/experiment/<table>/``; each ``<row>.yaml`` (not ``_*.yaml``: pieces rows share) is
-a full recipe with an ``expected: {metric, value, tol, source[, floor]}`` block. Rows run in name order into
+a full recipe with an ``expected: {metric, value, tol, source[, floor]}`` block. Rows run in name order (a row
+that reads another row's run, such as a distillation student its teacher's, after that row, pointed at its run) into
 ``--out`` (default ``outputs/reproduce/<table>/<date>_<time>``), one directory each; then ``reproduce.csv``
 and ``reproduce.md`` there hold ``expected | got | delta | minutes | reproduced?`` and the terminal shows
 the same; ``--collect`` judges the runs already in ``--out`` without running anything. ``reproduced`` means
@@ -96,12 +97,80 @@ def compose_row(row: Row, overrides: list[str]):
     return cfg
 
 
-def commands(rows: list[Row], out: Path, overrides: list[str], launcher: str | None) -> list[list[str]]:
-    """The ``sslrun`` command lines: one per row, or one sweep through a Hydra launcher."""
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) for every leaf of a plain nested dict/list."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None:
+        yield prefix, node
+        return
+    for k, v in items:
+        yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def row_inputs(rows: list[Row], cfgs: dict, table: list[Row]) -> dict[str, dict[str, str]]:
+    """For each of ``rows``, the keys that read the run of another row of its ``table`` (a student's
+    ``method.teacher``): row -> {key: row read}.
+
+    A row's run directory is the ``hydra.run.dir`` its YAML sets; a config value equal to it (or a path under it)
+    reads that row's run, which ``sslrun-reproduce`` must run first and point at its own copy under ``--out``."""
+    run_dirs = {}
+    for r in table:
+        d = OmegaConf.select(OmegaConf.load(EXPERIMENTS / f"{r.name}.yaml"), "hydra.run.dir")
+        if d:
+            run_dirs[r.name] = str(Path(d))
+    out: dict[str, dict[str, str]] = {}
+    for r in rows:
+        for key, value in _leaves(OmegaConf.to_container(cfgs[r.name], resolve=False)):
+            if not isinstance(value, str):
+                continue
+            for other, d in run_dirs.items():
+                if other != r.name and (value == d or value.startswith(d + "/")):
+                    out.setdefault(r.name, {})[key] = other
+    return out
+
+
+def run_order(rows: list[Row], inputs: dict[str, dict[str, str]]) -> list[Row]:
+    """Rows in name order, except that a row runs after the rows it reads (the teacher before its students).
+
+    Raises:
+        SslrunError: when a row reads a row that is not being run, or rows read each other in a cycle.
+    """
+    names = {r.name for r in rows}
+    for name, keys in inputs.items():
+        missing = sorted(set(keys.values()) - names)
+        if name in names and missing:
+            raise SslrunError(f"{name} reads the run of {', '.join(missing)} ({', '.join(keys)}); add "
+                              f"{', '.join(m.split('/')[1] for m in missing)} to --rows, or set the key to an "
+                              "existing run on the command line.")
+    ordered: list[Row] = []
+    pending = list(rows)
+    while pending:
+        ready = [r for r in pending if set(inputs.get(r.name, {}).values()) <= {o.name for o in ordered}]
+        if not ready:
+            raise SslrunError(f"The rows {', '.join(r.name for r in pending)} read each other's runs in a cycle.")
+        ordered.append(ready[0])
+        pending.remove(ready[0])
+    return ordered
+
+
+def commands(rows: list[Row], out: Path, overrides: list[str], launcher: str | None,
+             inputs: dict[str, dict[str, str]] | None = None) -> list[list[str]]:
+    """The ``sslrun`` command lines: one per row (a row that reads another's run points at that row's directory
+    under ``out``), or one sweep through a Hydra launcher.
+
+    Raises:
+        SslrunError: a sweep of rows that read each other's runs (a sweep's jobs run at the same time).
+    """
+    inputs = inputs or {}
     if launcher:
+        if inputs:
+            raise SslrunError(f"{', '.join(inputs)} read other rows' runs, so this table cannot run as one sweep "
+                              "(its jobs run at the same time): run it without --launcher, or sweep the rows they "
+                              "read first (--rows) and then the others with their keys pointing at those runs.")
         return [["sslrun", "-m", "experiment=" + ",".join(r.name for r in rows), f"hydra/launcher={launcher}",
                  f"hydra.sweep.dir={out}", *overrides]]
-    return [["sslrun", f"experiment={r.name}", f"hydra.run.dir={out / r.name.split('/')[1]}", *overrides]
+    return [["sslrun", f"experiment={r.name}", f"hydra.run.dir={out / r.name.split('/')[1]}",
+             *(f"{key}={out / other.split('/')[1]}" for key, other in inputs.get(r.name, {}).items()), *overrides]
             for r in rows]
 
 
@@ -187,8 +256,15 @@ def main(argv: list[str] | None = None) -> int:
             console.print("Tables (conf/experiment/<table>/): " + ", ".join(tables()))
             return 0
         rows = load_table(args.table, args.rows.split(",") if args.rows else None)
-        for row in rows:
-            compose_row(row, args.overrides)
+        cfgs = {row.name: compose_row(row, args.overrides) for row in rows}
+        given = {k.split("=", 1)[0].lstrip("+~") for k in args.overrides}  # keys the user set win
+        inputs = {} if args.collect else {  # --collect runs nothing: the runs read what they read
+            name: {k: o for k, o in keys.items() if k not in given}
+            for name, keys in row_inputs(rows, cfgs, load_table(args.table)).items()}
+        inputs = {name: keys for name, keys in inputs.items() if keys}
+        rows = run_order(rows, inputs)
+        out = args.out or Path("outputs/reproduce") / args.table / time.strftime("%Y-%m-%d_%H-%M-%S")
+        cmds = commands(rows, out, args.overrides, args.launcher, inputs)
     except SslrunError as e:
         err.print(f"[bold red]sslrun-reproduce error:[/] {e}", highlight=False)
         return 2
@@ -196,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
         err.print("[bold red]sslrun-reproduce error:[/] --collect judges the runs of an earlier sslrun-reproduce: "
                   "give their directory with --out.", highlight=False)
         return 2
-    out = args.out or Path("outputs/reproduce") / args.table / time.strftime("%Y-%m-%d_%H-%M-%S")
-    cmds = commands(rows, out, args.overrides, args.launcher)
     if args.dry_run:
         for cmd in cmds:
             print(shlex.join(cmd))

@@ -83,8 +83,27 @@ def test_dry_run_composes_every_row_and_prints_its_command(table, capsys):
     assert main([table, "--dry-run", "--out", "/tmp/never-written"]) == 0
     out = capsys.readouterr().out
     rows = load_table(table)
+    if table == "distillation":  # checked below: the teacher runs first and its students read its run
+        return
     assert [line for line in out.splitlines() if line.startswith("sslrun ")] == [
         f"sslrun experiment={r.name} hydra.run.dir=/tmp/never-written/{r.name.split('/')[1]}" for r in rows]
+
+
+def test_students_run_after_their_teacher_and_read_its_run_not_an_older_one(capsys):
+    """Rows run in name order, but a student (student_* < teacher) must read the teacher that this reproduction
+    trains, under --out; the row's own default, outputs/distillation/teacher, may hold an older teacher."""
+    assert main(["distillation", "--dry-run", "--out", "/o"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sslrun ")]
+    assert lines[:2] == ["sslrun experiment=distillation/student_ce hydra.run.dir=/o/student_ce",
+                         "sslrun experiment=distillation/teacher hydra.run.dir=/o/teacher"]
+    assert lines[2:] == [f"sslrun experiment=distillation/student_{s} hydra.run.dir=/o/student_{s} "
+                         "method.teacher=/o/teacher" for s in ("cosine", "hint", "kd")]
+    assert main(["distillation", "--dry-run", "--rows", "student_kd"]) == 2  # its teacher is not being run
+    assert "add teacher to --rows" in capsys.readouterr().err
+    assert main(["distillation", "--dry-run", "--rows", "student_kd", "method.teacher=/t", "--out", "/o"]) == 0
+    assert "method.teacher=/t" in capsys.readouterr().out  # the user's teacher wins
+    assert main(["distillation", "--dry-run", "--launcher", "slurm"]) == 2  # a sweep's jobs run at once
+    assert "cannot run as one sweep" in capsys.readouterr().err
 
 
 def test_dry_run_through_a_launcher_is_one_sweep(capsys):
