@@ -120,41 +120,36 @@ class TeacherCache:
     def __init__(self, num_samples: int) -> None:
         self.num_samples = num_samples
         self.outputs: dict[str, torch.Tensor] = {}
-        self.fingerprint: torch.Tensor | None = None
-        self.filled: torch.Tensor | None = None
+        self.fingerprint: torch.Tensor | None = None  # [num_samples]; NaN = not cached yet
         self.projection: torch.Tensor | None = None
-
-    def _fingerprint(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.detach().float().flatten(1)
-        if self.projection is None or self.projection.device != x.device:
-            g = torch.Generator().manual_seed(0)
-            self.projection = torch.randn(flat.shape[1], generator=g).to(x.device)
-        return (flat * self.projection).sum(1)  # position-weighted: a flip or a crop changes it
 
     def __call__(self, teach, x: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """``teach(x)``'s outputs for the batch ``x`` [B, C, H, W] of images ``index`` [B], from the cache where
         filled. Raises SslrunError when a cached image arrives with different pixels."""
-        fp = self._fingerprint(x)
-        if self.filled is None:
-            self.filled = torch.zeros(self.num_samples, dtype=torch.bool, device=x.device)
-            self.fingerprint = torch.zeros(self.num_samples, device=x.device)
-        hit = self.filled[index]
-        if hit.any() and not torch.allclose(fp[hit], self.fingerprint[index[hit]], rtol=1e-4, atol=1e-3):
+        flat = x.detach().float().flatten(1)
+        if self.fingerprint is None:  # the first batch gives the size and the device
+            g = torch.Generator().manual_seed(0)
+            self.projection = torch.randn(flat.shape[1], generator=g).to(x.device)
+            self.fingerprint = torch.full((self.num_samples,), float("nan"), device=x.device)
+        fp = (flat * self.projection).sum(1)  # position-weighted: a flip or a crop changes it
+        stored = self.fingerprint[index]
+        hit = ~stored.isnan()
+        changed = hit & ~torch.isclose(fp, stored, rtol=1e-4, atol=1e-3)
+        any_changed, n_miss = torch.stack([changed.any().long(), (~hit).sum()]).tolist()  # one host sync per step
+        if any_changed:
             raise SslrunError("method.cache_teacher=true keeps the teacher's output per image, but an image came back "
                               "with different pixels: the views are augmented. Use augmentation=none (the images "
                               "as they are), or set method.cache_teacher=false to run the teacher on every view.")
-        miss = ~hit
-        fresh = teach(x[miss]) if miss.any() else {}
-        if not self.outputs:
-            self.outputs = {k: torch.zeros(self.num_samples, *v.shape[1:], device=v.device) for k, v in fresh.items()}
-        out = {}
-        for k, store in self.outputs.items():
-            if miss.any():
+        if n_miss:
+            miss = ~hit
+            fresh = teach(x[miss])
+            if not self.outputs:
+                self.outputs = {k: torch.zeros(self.num_samples, *v.shape[1:], device=v.device)
+                                for k, v in fresh.items()}
+            for k, store in self.outputs.items():
                 store[index[miss]] = fresh[k].float()
-            out[k] = store[index]
-        self.fingerprint[index[miss]] = fp[miss]
-        self.filled[index[miss]] = True
-        return out
+            self.fingerprint[index[miss]] = fp[miss]
+        return {k: store[index] for k, store in self.outputs.items()}
 
 
 class Distill(Method):
