@@ -7,6 +7,7 @@ STL-10, whose unlabeled images are pretrained on too.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import socket
 import tarfile
 from collections.abc import Iterator, Mapping
@@ -319,8 +320,6 @@ def imagefolder(
                           "images once into memory (data that fits), stream decodes files as they are used.")
     if channels not in (1, 3):
         raise SslrunError(f"dataset.channels={channels} is not supported for image folders: use 3 (RGB) or 1 (gray).")
-    if (mean is None) != (std is None):
-        raise SslrunError("dataset.mean and dataset.std must be given together (or both null to measure them).")
     select = classes is not None
     read = (image_size, channels, storage, num_workers, cache_dir)
     train, train_classes = _read_folder(Path(train_dir).expanduser(), classes and sorted(classes), select, True, *read)
@@ -429,11 +428,31 @@ def _limit(images: ImageSet, limit: Any, key: str) -> ImageSet:
     return images.subset(torch.randperm(len(images), generator=generator)[:limit].sort().values)
 
 
+def _takes_mean(target: Any) -> bool:
+    try:
+        return "mean" in inspect.signature(hydra.utils.get_method(target)).parameters
+    except (ImportError, ValueError, TypeError):  # an unknown _target_ is reported by instantiate
+        return False
+
+
+def _channel_values(key: str, values: Any, channels: int) -> tuple[float, ...]:
+    """``dataset.mean``/``dataset.std`` as one float per channel, refused otherwise (a std must be > 0)."""
+    ok = isinstance(values, (list, tuple)) and len(values) == channels and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if key == "std" else True) for v in values)
+    if not ok:
+        raise SslrunError(f"dataset.{key}={values!r} must be {channels} number(s), one per channel of this dataset's "
+                          f"images, in [0, 1] pixel units{' and above 0' if key == 'std' else ''} "
+                          f"(e.g. dataset.{key}=[{', '.join(['0.5'] * channels)}]); or null for the dataset's own.")
+    return tuple(float(v) for v in values)
+
+
 def load_dataset(cfg: DictConfig | Mapping[str, Any]) -> DatasetSplits:
     """Build the dataset described by the ``dataset`` config node, then apply ``limit_train``/``limit_test``.
 
-    The keys ``name``, ``limit_train`` and ``limit_test`` are handled here, ``BATCH_KEYS`` (streamed folders)
-    by ``batches.make_batches``; all others go to the builder named by ``_target_``.
+    The keys ``name``, ``limit_train``, ``limit_test``, ``mean`` and ``std`` are handled here (``mean``/``std``:
+    per-channel normalisation in [0, 1] units replacing the dataset's own, for any dataset; null keeps it),
+    ``BATCH_KEYS`` (streamed folders) by ``batches.make_batches``; all others go to the builder named by
+    ``_target_``.
     """
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     try:
@@ -446,10 +465,18 @@ def load_dataset(cfg: DictConfig | Mapping[str, Any]) -> DatasetSplits:
     limit_train, limit_test = kwargs.pop("limit_train", None), kwargs.pop("limit_test", None)
     for key in BATCH_KEYS:
         kwargs.pop(key, None)
+    mean, std = kwargs.pop("mean", None), kwargs.pop("std", None)
+    if (mean is None) != (std is None):
+        raise SslrunError("dataset.mean and dataset.std must be given together (or both null for the dataset's own).")
+    if mean is not None and _takes_mean(kwargs.get("_target_")):
+        kwargs.update(mean=mean, std=std)  # folder builders skip measuring the statistics
     try:
         splits = hydra.utils.instantiate(kwargs)
     except InstantiationException as e:  # hydra wraps what the builder raised
         raise build_error(e, "dataset", kwargs.get("_target_")) from None
+    if mean is not None:
+        splits = dataclasses.replace(splits, mean=_channel_values("mean", mean, splits.channels),
+                                     std=_channel_values("std", std, splits.channels))
     train = _limit(splits.train, limit_train, "limit_train")
     pretrain = train if splits.pretrain is splits.train else splits.pretrain
     return dataclasses.replace(

@@ -25,7 +25,7 @@ from sslrun.data.image_set import DatasetSplits, ImageSet
 from sslrun.errors import SslrunError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
-GENERIC_KEYS = {"_target_", "name", "limit_train", "limit_test", "prefetch", "device_decode"}
+GENERIC_KEYS = {"_target_", "name", "limit_train", "limit_test", "prefetch", "device_decode", "mean", "std"}
 
 
 def dataset_config(option: str, **overrides: object) -> dict:
@@ -43,6 +43,7 @@ def test_every_config_names_its_builder_and_only_its_arguments(option: str) -> N
     assert cfg["name"] == option and option.startswith(builder.__name__)  # imagenet100 is imagenet's subset
     assert {"image_size", "channels", "limit_train", "limit_test"} <= cfg.keys()
     assert cfg["limit_train"] is None and cfg["limit_test"] is None
+    assert {"mean", "std"} <= cfg.keys()  # every dataset takes them (null: its own statistics)
     inspect.signature(builder).bind(**{k: v for k, v in cfg.items() if k not in GENERIC_KEYS})
 
 
@@ -86,6 +87,34 @@ def test_limits_keep_the_same_subset_of_train_and_test() -> None:
         distances = torch.cdist(part.images.flatten(1).float(), whole.images.flatten(1).float())
         assert (distances.min(1).values == 0).all()
     assert not torch.equal(limited.train.images, full.train.images[:50])  # random, not the first 50
+
+
+def test_mean_and_std_replace_the_datasets_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any dataset can be normalised with given statistics (the KD tutorial's ImageNet mean/std on CIFAR-10): a
+    builder without mean/std keys gets them replaced, a folder builder is given them and measures nothing."""
+    cfg = dataset_config("synthetic", num_train=20, num_test=10, image_size=8)
+    own = load_dataset(cfg)
+    given = load_dataset({**cfg, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+    assert own.mean != (0.485, 0.456, 0.406)
+    assert (given.mean, given.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert torch.equal(given.train.images, own.train.images)  # the images themselves are untouched
+
+    write_image_folder(tmp_path / "train")
+    monkeypatch.setattr(datasets, "channel_stats", lambda *a, **k: pytest.fail("measured despite given mean/std"))
+    folder = dataset_config("imagefolder", train_dir=str(tmp_path / "train"), image_size=8, val_fraction=0.25,
+                            num_workers=0, cache_dir=None, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    assert load_dataset(folder).std == (0.25, 0.25, 0.25)
+
+
+@pytest.mark.parametrize(("mean", "std", "message"), [
+    ([0.5, 0.5, 0.5], None, "must be given together"),
+    ([0.5], [0.2], r"dataset.mean=\[0.5\] must be 3 number"),
+    ([0.5, 0.5, 0.5], [0.2, 0.0, 0.2], "dataset.std=.* and above 0"),
+    (["a", "b", "c"], [0.2, 0.2, 0.2], "dataset.mean=.* must be 3 number"),
+])
+def test_bad_mean_or_std_is_a_user_error(mean: object, std: object, message: str) -> None:
+    with pytest.raises(SslrunError, match=message):
+        load_dataset(dataset_config("synthetic", num_train=20, num_test=10, image_size=8, mean=mean, std=std))
 
 
 def separate_pretrain() -> DatasetSplits:
