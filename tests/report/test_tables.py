@@ -27,9 +27,9 @@ SMOKE = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "da
 EXTRA = {"deepcluster": ["method.num_clusters=8"], "deepclusterv2": ["method.num_prototypes=[8,8,8]"]}
 PAPER_TABLES = {"simsiam_appD", "solo_cifar10", "solo_cifar100", "moco_cifar10_demo", "lightly_cifar10", "fmnist_cpu"}
 ROWS = [r.name for t in tables() for r in load_table(t)]  # every row of every table, the paper tables' and the rest
-# Tables whose rows keep their backbone and their dataset loader, tiny image folders standing in for theirs: the
-# distillation tutorial's two small CNNs are its subject (the hint loss reads their feature maps) and cheap at
-# 32 px, and its rows set the image folder's keys. The other tables' ResNets and ViTs become the tiny CNN.
+# Tables whose rows keep their backbone, tiny image folders standing in for their data (CIFAR-10 as the JPEG
+# folders they were measured on): the distillation tutorial's two small CNNs are its subject (the hint loss reads
+# their feature maps) and cheap at 32 px. The other tables' ResNets and ViTs become the tiny CNN.
 OWN_BACKBONE = {"distillation"}
 
 
@@ -49,8 +49,8 @@ def step_overrides(name: str, folder: Path) -> list[str]:
         return [*(o for o in SMOKE if not o.startswith(("trainer.epochs=", "dataset.num_train="))),
                 "dataset.num_train=32"]
     own = [o for o in SMOKE if not o.startswith(("trainer.epochs=", "backbone", "dataset"))]
-    return [*own, f"dataset.train_dir={folder / 'train'}", f"dataset.val_dir={folder / 'test'}",
-            "dataset.num_workers=0", "dataset.cache_dir=null"]
+    return [*own, "dataset=imagefolder", f"dataset.train_dir={folder / 'train'}", f"dataset.val_dir={folder / 'test'}",
+            "dataset.image_size=32", "dataset.num_workers=0", "dataset.cache_dir=null"]
 
 
 @pytest.fixture(scope="module")
