@@ -85,6 +85,11 @@ def main() -> None:
         # Hydra exits 1 for the config errors it finds itself (an unknown option or key, a bad override);
         # they are the user's input like every other config error, so they exit 2 too.
         if e.code == 1 and not _task_started:
+            from .config_check import misspelled_override
+
+            hint = misspelled_override(sys.argv[1:])
+            if hint:
+                Console(stderr=True, soft_wrap=True).print(f"[bold red]sslrun:[/] {escape(hint)}", highlight=False)
             sys.exit(2)
         raise
 

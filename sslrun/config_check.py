@@ -100,3 +100,36 @@ def check_against_data(cfg: DictConfig, num_pretrain: int) -> None:
         raise SslrunError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the pretraining set "
                           f"({num_pretrain} images of dataset {cfg.dataset.get('name', '?')}); lower "
                           f"trainer.batch_size to at most {num_pretrain}.")
+
+
+def misspelled_override(args: list[str]) -> str | None:
+    """For a command line Hydra refused: the first ``a.b=value`` whose key the composed config lacks, with the
+    closest key there, e.g. ``trainer.epoch`` -> ``trainer.epochs``. Hydra's own hint for it, ``+trainer.epoch=3``,
+    would add a key that nothing reads. None when no such key is found (another error, or one this cannot
+    compose)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message says it
+        return None
+    plain = [o for o in overrides if o.is_add() is False and not o.is_delete() and "." in o.key_or_group
+             and o.package is None and not o.key_or_group.startswith("hydra.")]
+    choices = [o.input_line for o in overrides if o not in plain and not o.key_or_group.startswith("hydra")]
+    if not plain:
+        return None
+    try:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=choices)
+    except Exception:  # noqa: BLE001 - the choices themselves are what Hydra refused
+        return None
+    for o in plain:
+        parent_key, _, key = o.key_or_group.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key)
+        if isinstance(parent, DictConfig) and key not in parent:
+            close = difflib.get_close_matches(key, [str(k) for k in parent], n=1)
+            return (f"{o.key_or_group} is not a key of {parent_key}" + (f": did you mean {parent_key}.{close[0]}?"
+                    if close else ".") + f" (Hydra's `+{o.key_or_group}=...` would add a key that nothing reads; "
+                    f"`sslrun --cfg job` lists the keys.)")
+    return None
