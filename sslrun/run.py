@@ -59,7 +59,7 @@ def _eval_only_config(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictCo
     eval.only evaluates the checkpoint exactly as its own run did. Keys newer than the checkpoint keep their
     defaults.
     """
-    ck = load_checkpoint(cfg.eval.checkpoint)
+    ck = load_checkpoint(cfg.eval.checkpoint, "eval.checkpoint")
     saved = OmegaConf.create(ck.get("config", {}))
     out = cfg.copy()
     OmegaConf.set_struct(out, False)
@@ -124,7 +124,7 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[dict | None, Pat
     path = run_dir / "checkpoints" / "last.pt" if r == "auto" else Path(r)
     if r == "auto" and not path.is_file():
         return None, None
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, "trainer.resume")
     check_resumable(ck, OmegaConf.to_container(cfg, resolve=True), path, bool(cfg.trainer.resume_force))
     done = finished_message(ck, cfg.trainer, path)
     if done:

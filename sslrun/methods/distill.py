@@ -85,7 +85,7 @@ class Teacher(nn.Module):
     def __init__(self, path: str | Path) -> None:
         super().__init__()
         path = checkpoint_path(path)
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(path, "method.teacher")
         cfg = ck.get("config") or {}
         if "backbone" not in cfg:
             raise SslrunError(f"The teacher checkpoint {path} stores no config, so its backbone cannot be rebuilt; "
