@@ -80,6 +80,7 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("image_size", "channels", "num_train", "num_test", "num_classes", "limit_train", "limit_test"):
         if key in cfg.dataset:
             _number(cfg, f"dataset.{key}", integer=True, allow_none=key.startswith("limit"))
+    _method_ranges(cfg)
     _number(cfg, "trainer.seed", integer=True, positive=False)
     _choice(cfg, "trainer.precision", ("auto", "bf16", "fp32"))
     _choice(cfg, "eval.knn.backend", ("torch", "faiss"))
@@ -88,6 +89,21 @@ def check_config(cfg: DictConfig) -> None:
         raise SslrunError("eval.only=true needs a checkpoint to evaluate: add "
                           "eval.checkpoint=<run dir>/checkpoints/last.pt.")
     check_expected(cfg)
+
+
+def _method_ranges(cfg: DictConfig) -> None:
+    """Method keys whose meaning fixes their range, by the field's names: a temperature divides (0 gives NaN, which
+    would be blamed on the lr), a loss weight or β below 0 turns a loss into one to maximise, a queue length is a
+    count."""
+    for key, value in cfg.method.items():
+        if isinstance(value, (DictConfig, list)) or value is None:
+            continue
+        if key.endswith(("temperature", "_temp")):
+            _number(cfg, f"method.{key}")
+        elif key.endswith("_weight") or key in ("beta", "lambd"):
+            _number(cfg, f"method.{key}", positive=False, minimum=0)
+        elif key in ("queue_size", "queue_length", "embed_queue"):
+            _number(cfg, f"method.{key}", integer=True, positive=False, minimum=0)
 
 
 def check_against_data(cfg: DictConfig, num_pretrain: int) -> None:

@@ -190,6 +190,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
             view_sizes = [r.out_size(splits.image_size) for r in augment.recipes for _ in range(r.count)]
             method.check_setup(view_sizes, cfg.trainer.batch_size)
             _check_backbone_takes(backbone, splits.channels, sorted(set(view_sizes)))
+            method.check_inputs(splits.channels, view_sizes)
             if resume is not None:
                 console.print(f"Resuming {resume_path}.")
             trainer = Pretrainer(method, augment, splits, cfg, device, autocast_dtype, run_dir, writer, console,

@@ -15,10 +15,11 @@ import time
 import pytest
 import torch
 from omegaconf import OmegaConf
-from runner import FAST, ROOT, read_metrics, sslrun
+from runner import FAST, ROOT, compose, read_metrics, sslrun
 
 from sslrun.checkpoint import save_checkpoint
-from sslrun.errors import explain
+from sslrun.config_check import check_config
+from sslrun.errors import SslrunError, explain
 
 LONG = [*FAST, "method=simclr", "dataset.num_train=1024", "trainer.epochs=4", "monitor.figures.enabled=false"]
 
@@ -195,3 +196,23 @@ def test_resume_force_trains_on_with_the_new_hyperparameters(tmp_path):
            f"hydra.run.dir={tmp_path}")
     ck = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
     assert {g["base_lr"] for g in ck["optimizer"]["main"]["param_groups"]} == {0.6 * 64 / 256}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["method=simclr", "method.temperature=0"], "method.temperature=0 must be positive"),
+    (["method=dino", "method.teacher_temp=-0.1"], "method.teacher_temp=-0.1 must be positive"),
+    (["method=distill", "method.soft_weight=-1"], "method.soft_weight=-1 must be at least 0"),
+    (["method=vae", "method.beta=-1"], "method.beta=-1 must be at least 0"),
+    (["method=distill", "method.embed_queue=2.5"], "method.embed_queue=2.5 must be an integer"),
+])
+def test_method_keys_out_of_their_range_are_refused_before_any_work(args, message):
+    """A temperature of 0 divides into NaN (a message that blames the lr); a negative weight or beta maximises
+    its loss; both would train with exit 0 otherwise."""
+    with pytest.raises(SslrunError, match=message):
+        check_config(compose(*args))
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")
+                                          if p.stem != "default"))
+def test_every_methods_own_defaults_are_in_range(method):
+    check_config(compose(f"method={method}"))

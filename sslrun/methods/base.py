@@ -92,6 +92,18 @@ class Method(nn.Module):
         check_batch(self, name, global_batch)
         check_views(self, name, view_sizes)
 
+    def check_inputs(self, channels: int, view_sizes: list[int]) -> None:
+        """Refuse, before training, images that a network the method brings besides the backbone cannot take
+        (distillation: a teacher trained on other images). The backbone itself is checked by the runner.
+
+        Args:
+            channels: channels of the dataset's images.
+            view_sizes: the output crop size (px) of every view.
+
+        Raises:
+            SslrunError: naming the network, what it takes and the fix.
+        """
+
     def convert_sync_batchnorm(self) -> None:
         """Normalise every batch-norm layer over the global batch (``trainer.sync_batchnorm``), in place."""
         for child_name, child in self.named_children():

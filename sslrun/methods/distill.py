@@ -90,6 +90,7 @@ class Teacher(nn.Module):
         if "backbone" not in cfg:
             raise SslrunError(f"The teacher checkpoint {path} stores no config, so its backbone cannot be rebuilt; "
                               "point method.teacher at a checkpoint written by this version of sslrun.")
+        self.path, self.trained_on = path, dict(cfg.get("dataset") or {})  # for messages
         self.backbone = instantiate(cfg["backbone"])
         self.backbone.load_state_dict(ck["backbone"])
         head = {k[len("classifier."):]: v for k, v in ck["method"].items() if k.startswith("classifier.")}
@@ -224,6 +225,20 @@ class Distill(Method):
         self.embed_temps = (embed_temperature_student, embed_temperature_teacher)
         self.cache_teacher = cache_teacher
         self.teacher_cache: TeacherCache | None = None  # built in on_fit_start, when the set's size is known
+
+    def check_inputs(self, channels: int, view_sizes: list[int]) -> None:
+        """One forward of the teacher on two blank first views: a teacher trained on images of other channels (or a
+        size its head cannot take) is refused here, naming its training data, not at the first step."""
+        t = self.teacher
+        try:
+            self._teach(torch.zeros(2, channels, view_sizes[0], view_sizes[0], device=next(t.parameters()).device))
+        except RuntimeError as e:
+            data = t.trained_on
+            raise SslrunError(
+                f"The teacher {t.path} cannot take this run's {channels}-channel {view_sizes[0]}-px views "
+                f"({str(e).splitlines()[0]}). It was trained on dataset {data.get('name', '?')} "
+                f"({data.get('channels', '?')} channel(s), {data.get('image_size', '?')} px): distil on images like "
+                "those (dataset=..., augmentation views of that size), or train a teacher on this dataset.") from None
 
     def param_groups(self) -> list[dict]:
         regressor = {id(p) for p in self.regressor.parameters()} if self.regressor is not None else set()

@@ -136,6 +136,17 @@ def test_bad_configurations_are_refused(tmp_path):
         build(tmp_path / "nowhere")
 
 
+def test_images_the_teacher_cannot_take_are_refused_before_training(tmp_path):
+    """A teacher trained on 3-channel 8-px images, a run on 1-channel ones or 16-px views (its flattened head is
+    for 8 px): one message naming the teacher's data, not a shape error at the first step."""
+    _, teacher = teacher_checkpoint(tmp_path)
+    student = build(teacher, soft_weight=0.25)
+    student.check_inputs(3, [8, 8])  # the teacher's own images pass
+    for channels, size in ((1, 8), (3, 16)):
+        with pytest.raises(SslrunError, match=f"cannot take this run's {channels}-channel {size}-px views"):
+            student.check_inputs(channels, [size])
+
+
 def test_the_cached_teacher_gives_the_same_losses_and_runs_once_per_image(tmp_path):
     _, run_dir = teacher_checkpoint(tmp_path)
     kw = dict(soft_weight=0.25, label_weight=0.75, cosine_weight=0.5, hint_weight=0.5)
