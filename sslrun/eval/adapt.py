@@ -210,7 +210,8 @@ def tta_table(metrics: dict) -> Table:
     table.add_column("corruption", no_wrap=True)
     table.add_column("model", no_wrap=True)
     for s in [*severities, "mean"]:
-        table.add_column(s if s == "mean" else f"s{s}", justify="right")
+        # min_width: an 80-column log (not a terminal) narrows the name columns, never cuts a figure to "0.4…"
+        table.add_column(s if s == "mean" else f"s{s}", justify="right", no_wrap=True, min_width=5)
     for name in [*names, "all"]:
         for when in WHEN:
             keys = ([f"{PREFIX}mean_{when}"] if name == "all" else

@@ -115,6 +115,18 @@ def test_tsd_adapts_a_copy_and_reports_before_and_after():
         adapt_on_corruptions(net, None, splits, cfg, torch.device("cpu"))
 
 
+def test_the_table_keeps_every_figure_whole_in_an_80_column_log():
+    """The run's console when its output is a file: the default three corruptions x five severities x three models
+    made the table one column too wide, and rich cut s4 and the means to "0.4…"."""
+    names = ("gaussian_noise", "gaussian_blur", "contrast")
+    metrics = {f"tta_{c}_s{s}_{w}": 0.4567 for c in names for s in range(1, 6) for w in ("before", "bn", "after")}
+    metrics.update({f"tta_mean_{w}": 0.4567 for w in ("before", "bn", "after")})
+    log = Console(width=80, soft_wrap=True, record=True)
+    log.print(tta_table(metrics))
+    shown = log.export_text()
+    assert "…" not in shown and shown.count("0.457") == 3 * 3 * 6 + 3
+
+
 def test_tsd_step_updates_the_featurizer_and_bounds_the_memory():
     torch.manual_seed(0)
     feat = torch.nn.Linear(4, 3)
