@@ -119,10 +119,10 @@ def check_against_data(cfg: DictConfig, num_pretrain: int) -> None:
 
 
 def misspelled_override(args: list[str]) -> str | None:
-    """For a command line Hydra refused: the first ``a.b=value`` whose key the composed config lacks, with the
-    closest key there, e.g. ``trainer.epoch`` -> ``trainer.epochs``. Hydra's own hint for it, ``+trainer.epoch=3``,
-    would add a key that nothing reads. None when no such key is found (another error, or one this cannot
-    compose)."""
+    """The first ``a.b=value`` on a command line whose key the composed config lacks, as a message with the closest
+    key there, e.g. ``trainer.epoch`` -> ``trainer.epochs`` (Hydra's own hint for it, ``+trainer.epoch=3``, would
+    add a key that nothing reads). None when every key exists, or when the group choices do not compose (Hydra
+    then reports that itself)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -145,7 +145,7 @@ def misspelled_override(args: list[str]) -> str | None:
         parent = OmegaConf.select(cfg, parent_key)
         if isinstance(parent, DictConfig) and key not in parent:
             close = difflib.get_close_matches(key, [str(k) for k in parent], n=1)
-            return (f"{o.key_or_group} is not a key of {parent_key}" + (f": did you mean {parent_key}.{close[0]}?"
-                    if close else ".") + f" (Hydra's `+{o.key_or_group}=...` would add a key that nothing reads; "
-                    f"`sslrun --cfg job` lists the keys.)")
+            return (f"{o.key_or_group} is not a key of {parent_key}, so it would be ignored" +
+                    (f": did you mean {parent_key}.{close[0]}?" if close else ".") + f" Adding it with "
+                    f"+{o.key_or_group}=... would not help either: nothing reads it. `sslrun --cfg job` lists the keys.")
     return None

@@ -133,7 +133,7 @@ def test_eval_only_merges_dataset_overrides_and_matches_the_training_run(tmp_pat
 
 @pytest.mark.parametrize("args,words", [
     (["--no-such-flag"], ["unrecognized arguments"]),
-    (["trainer.epoch=3"], ["did you mean trainer.epochs?", "would add a key that nothing reads"]),
+    (["trainer.epoch=3"], ["did you mean trainer.epochs?", "nothing reads it"]),
     (["eval.knn.kk=3"], ["did you mean eval.knn.k?"]),  # a nested key too
     (["+trainer.epoch=3"], ["trainer.epoch", "Did you mean trainer.epochs"]),
     (["+foo=1"], ["foo is not a config group"]),

@@ -83,8 +83,11 @@ def compose_row(row: Row, overrides: list[str]):
     """The row's composed config (Hydra's compose API), through sslrun's config check."""
     from hydra import compose, initialize_config_dir
 
-    from ..config_check import check_config
+    from ..config_check import check_config, misspelled_override
 
+    misspelled = misspelled_override([f"experiment={row.name}", *overrides])
+    if misspelled:
+        raise SslrunError(f"conf/experiment/{row.name}.yaml with the given overrides: {misspelled}")
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         try:
             cfg = compose("config", overrides=[f"experiment={row.name}", *overrides])

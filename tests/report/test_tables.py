@@ -193,3 +193,8 @@ def test_bad_table_or_row_is_explained(capsys):
     assert main(["fmnist_cpu", "--rows", "nope"]) == 2 and "has no row nope" in capsys.readouterr().err
     assert main(["fmnist_cpu", "--collect"]) == 2 and "give their directory with --out" in capsys.readouterr().err
     assert EXPERIMENTS.is_dir()
+
+
+def test_a_misspelled_override_is_named_with_the_key_it_likely_meant(capsys):
+    assert main(["fmnist_cpu", "--dry-run", "--rows", "simclr", "trainer.epoch=3"]) == 2
+    assert "did you mean trainer.epochs?" in capsys.readouterr().err
