@@ -116,6 +116,13 @@ def _check_backbone_takes(backbone: torch.nn.Module, channels: int, sizes: list[
         backbone.train(was_training)
 
 
+def _views_vary(augment: torch.nn.Module, images) -> bool:
+    """Whether the augmentation gives two images other views under another random draw (crops, flips, colour)."""
+    x = images[:2].to("cpu")
+    first, second = (augment(x, torch.Generator().manual_seed(seed)) for seed in (1, 2))
+    return any(not torch.equal(a, b) for a, b in zip(first, second))
+
+
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
     """The checkpoint this run continues, checked against the config given now, or (None, None)."""
     r = cfg.trainer.resume
@@ -190,7 +197,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
             view_sizes = [r.out_size(splits.image_size) for r in augment.recipes for _ in range(r.count)]
             method.check_setup(view_sizes, cfg.trainer.batch_size)
             _check_backbone_takes(backbone, splits.channels, sorted(set(view_sizes)))
-            method.check_inputs(splits.channels, view_sizes)
+            method.check_inputs(splits.channels, view_sizes, _views_vary(augment, splits.pretrain.images))
             if resume is not None:
                 console.print(f"Resuming {resume_path}.")
             trainer = Pretrainer(method, augment, splits, cfg, device, autocast_dtype, run_dir, writer, console,

@@ -92,13 +92,15 @@ class Method(nn.Module):
         check_batch(self, name, global_batch)
         check_views(self, name, view_sizes)
 
-    def check_inputs(self, channels: int, view_sizes: list[int]) -> None:
-        """Refuse, before training, images that a network the method brings besides the backbone cannot take
-        (distillation: a teacher trained on other images). The backbone itself is checked by the runner.
+    def check_inputs(self, channels: int, view_sizes: list[int], views_vary: bool) -> None:
+        """Refuse, before training, inputs the method cannot use: images that a network it brings besides the
+        backbone cannot take (distillation: a teacher trained on other images), or random views where it relies on
+        the images as they are. The backbone itself is checked by the runner.
 
         Args:
             channels: channels of the dataset's images.
             view_sizes: the output crop size (px) of every view.
+            views_vary: whether the augmentation gives an image different views from one draw to the next.
 
         Raises:
             SslrunError: naming the network, what it takes and the fix.

@@ -118,6 +118,10 @@ class TeacherCache:
     tutorial's hint loss: 50,000 x (2,048 + 2,048 + 10) floats, 0.8 GB).
     """
 
+    AUGMENTED = ("method.cache_teacher=true keeps the teacher's output per image, but the views are augmented: an "
+                 "image comes back with different pixels. Use augmentation=none (the images as they are), or set "
+                 "method.cache_teacher=false to run the teacher on every view.")
+
     def __init__(self, num_samples: int) -> None:
         self.num_samples = num_samples
         self.outputs: dict[str, torch.Tensor] = {}
@@ -138,9 +142,7 @@ class TeacherCache:
         changed = hit & ~torch.isclose(fp, stored, rtol=1e-4, atol=1e-3)
         any_changed, n_miss = torch.stack([changed.any().long(), (~hit).sum()]).tolist()  # one host sync per step
         if any_changed:
-            raise SslrunError("method.cache_teacher=true keeps the teacher's output per image, but an image came back "
-                              "with different pixels: the views are augmented. Use augmentation=none (the images "
-                              "as they are), or set method.cache_teacher=false to run the teacher on every view.")
+            raise SslrunError(self.AUGMENTED)
         if n_miss:
             miss = ~hit
             fresh = teach(x[miss])
@@ -226,9 +228,12 @@ class Distill(Method):
         self.cache_teacher = cache_teacher
         self.teacher_cache: TeacherCache | None = None  # built in on_fit_start, when the set's size is known
 
-    def check_inputs(self, channels: int, view_sizes: list[int]) -> None:
+    def check_inputs(self, channels: int, view_sizes: list[int], views_vary: bool) -> None:
         """One forward of the teacher on two blank first views: a teacher trained on images of other channels (or a
-        size its head cannot take) is refused here, naming its training data, not at the first step."""
+        size its head cannot take) is refused here, naming its training data, not at the first step. The teacher
+        cache with random views is refused here too, not when the second epoch meets a cached image."""
+        if self.cache_teacher and views_vary:
+            raise SslrunError(TeacherCache.AUGMENTED)
         t = self.teacher
         try:
             self._teach(torch.zeros(2, channels, view_sizes[0], view_sizes[0], device=next(t.parameters()).device))

@@ -141,10 +141,14 @@ def test_images_the_teacher_cannot_take_are_refused_before_training(tmp_path):
     for 8 px): one message naming the teacher's data, not a shape error at the first step."""
     _, teacher = teacher_checkpoint(tmp_path)
     student = build(teacher, soft_weight=0.25)
-    student.check_inputs(3, [8, 8])  # the teacher's own images pass
+    student.check_inputs(3, [8, 8], views_vary=True)  # the teacher's own images pass
     for channels, size in ((1, 8), (3, 16)):
         with pytest.raises(SslrunError, match=f"cannot take this run's {channels}-channel {size}-px views"):
-            student.check_inputs(channels, [size])
+            student.check_inputs(channels, [size], views_vary=False)
+    cached = build(teacher, soft_weight=0.25, cache_teacher=True)
+    cached.check_inputs(3, [8], views_vary=False)
+    with pytest.raises(SslrunError, match="the views are augmented"):  # before training, not at epoch 2
+        cached.check_inputs(3, [8], views_vary=True)
 
 
 def test_the_cached_teacher_gives_the_same_losses_and_runs_once_per_image(tmp_path):
