@@ -258,7 +258,10 @@ class Pretrainer:
     def _print_line(self) -> None:
         """A plain progress line, for output that is not a terminal (a bar redrawn in place prints nothing)."""
         self._printed_at = time.perf_counter()
-        self.console.print(f"epoch {self.state.epoch}  step {self.state.step}/{self._expected_steps()}  "
+        # Counted from 1 and by the steps taken, so that the last step of epoch 1 reads "epoch 1/E", not "epoch 1"
+        # (epochs completed) beside "step 7/7" of a one-epoch run.
+        epoch = max(1, -(-self.state.step // self.steps_per_epoch))
+        self.console.print(f"epoch {epoch}/{self.cfg.trainer.epochs}  step {self.state.step}/{self._expected_steps()}  "
                            f"{stats_line(self.monitor.last)}  {self._elapsed():.0f} s")
 
     def _estimate_line(self, ips: float) -> None:
