@@ -143,7 +143,7 @@ def misspelled_override(args: list[str]) -> str | None:
     for o in plain:
         parent_key, _, key = o.key_or_group.rpartition(".")
         parent = OmegaConf.select(cfg, parent_key)
-        if isinstance(parent, DictConfig) and key not in parent:
+        if isinstance(parent, DictConfig) and key not in parent.keys():  # `in` is False for a ??? (missing) value
             close = difflib.get_close_matches(key, [str(k) for k in parent], n=1)
             return (f"{o.key_or_group} is not a key of {parent_key}, so it would be ignored" +
                     (f": did you mean {parent_key}.{close[0]}?" if close else ".") + f" Adding it with "

@@ -65,7 +65,7 @@ def test_a_sweep_into_an_old_sweep_directory_does_not_report_the_old_runs(tmp_pa
 
 @pytest.mark.slow
 def test_a_second_run_in_a_busy_directory_is_refused(tmp_path):
-    first = start(*LONG, f"hydra.run.dir={tmp_path}")
+    first = start(*LONG, "trainer.epochs=400", f"hydra.run.dir={tmp_path}")  # still running when the second comes
     try:
         wait_for_training(first)
         second = sslrun(*FAST, "method=byol", f"hydra.run.dir={tmp_path}", check=False)
@@ -216,3 +216,11 @@ def test_method_keys_out_of_their_range_are_refused_before_any_work(args, messag
                                           if p.stem != "default"))
 def test_every_methods_own_defaults_are_in_range(method):
     check_config(compose(f"method={method}"))
+
+
+def test_a_key_whose_default_is_missing_is_not_taken_for_a_misspelling():
+    """imagetext's train_file is ??? (to be given): OmegaConf's `in` says False for it, the key list does not."""
+    from sslrun.config_check import misspelled_override
+
+    assert misspelled_override(["dataset=imagetext", "dataset.train_file=/x.csv"]) is None
+    assert "did you mean dataset.train_file?" in misspelled_override(["dataset=imagetext", "dataset.train_fil=/x"])
