@@ -126,6 +126,9 @@ def misspelled_override(args: list[str]) -> str | None:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if any(a.startswith(("-cn", "--config-name", "-cd", "--config-dir", "-cp", "--config-path", "hydra.searchpath"))
+           for a in args):
+        return None  # another primary config or search path: sslrun's own conf/ is not what Hydra will compose
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
     except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message says it

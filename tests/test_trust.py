@@ -224,3 +224,6 @@ def test_a_key_whose_default_is_missing_is_not_taken_for_a_misspelling():
 
     assert misspelled_override(["dataset=imagetext", "dataset.train_file=/x.csv"]) is None
     assert "did you mean dataset.train_file?" in misspelled_override(["dataset=imagetext", "dataset.train_fil=/x"])
+    # A config of the user's own (another search path or primary config) may add keys: Hydra alone judges those.
+    assert misspelled_override(["hydra.searchpath=[file:///my/conf]", "method.my_key=1"]) is None
+    assert misspelled_override(["--config-dir=/my/conf", "method.my_key=1"]) is None
