@@ -98,9 +98,10 @@ def _checkpoint_backbone(cfg: DictConfig, ck: dict, backbone: torch.nn.Module) -
                           "trained with (or drop backbone= / method= to use the checkpoint's).") from None
 
 
-def _check_backbone_takes(backbone: torch.nn.Module, channels: int, sizes: list[int]) -> None:
-    """One forward of two blank images per view size, before training: a size the backbone cannot take (a view
-    smaller than its pooling) is refused here, naming the size, instead of failing at the first step."""
+def _check_backbone_takes(backbone: torch.nn.Module, channels: int, sizes: list[int], fix: str) -> None:
+    """One forward of two blank images per size, before any work: images the backbone cannot take (a view smaller
+    than its pooling, a checkpoint's backbone trained on other channels) are refused here, naming the size and
+    ``fix``, instead of failing with a traceback at the first step."""
     was_training = backbone.training
     backbone.eval()
     try:
@@ -109,9 +110,8 @@ def _check_backbone_takes(backbone: torch.nn.Module, channels: int, sizes: list[
                 try:
                     backbone(torch.zeros(2, channels, size, size))
                 except RuntimeError as e:
-                    raise SslrunError(f"The backbone cannot take {size}-px views ({str(e).splitlines()[0]}): raise "
-                                      "augmentation.views.N.size for that view, or pick a backbone for small "
-                                      "images.") from None
+                    raise SslrunError(f"The backbone cannot take {channels}-channel {size}-px images "
+                                      f"({str(e).splitlines()[0]}): {fix}") from None
     finally:
         backbone.train(was_training)
 
@@ -186,6 +186,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
         classifier = None  # a method's own head on its features (supervised, distillation): classifier_top1
         if ck is not None:
             backbone = _checkpoint_backbone(cfg, ck, backbone)
+            trained = (ck.get("config") or {}).get("dataset") or {}
+            _check_backbone_takes(backbone, splits.channels, [splits.image_size],
+                                  f"the checkpoint's backbone was trained on dataset {trained.get('name', '?')} "
+                                  f"({trained.get('channels', '?')} channel(s), {trained.get('image_size', '?')} px); "
+                                  "evaluate it on images like those (dataset=...).")
             metrics.update(epochs=ck["state"]["epoch"], steps=ck["state"]["step"], checkpoint=str(cfg.eval.checkpoint))
             if cfg.trainer.channels_last:  # the memory format the training run evaluated in: the same numbers
                 backbone.to(memory_format=torch.channels_last)
@@ -196,7 +201,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), console: 
             check_views_fit(cfg.augmentation.views, splits.image_size)
             view_sizes = [r.out_size(splits.image_size) for r in augment.recipes for _ in range(r.count)]
             method.check_setup(view_sizes, cfg.trainer.batch_size)
-            _check_backbone_takes(backbone, splits.channels, sorted(set(view_sizes)))
+            _check_backbone_takes(backbone, splits.channels, sorted(set(view_sizes)),
+                                  "raise augmentation.views.N.size for a view too small, or pick a backbone for "
+                                  "small images.")
             method.check_inputs(splits.channels, view_sizes, _views_vary(augment, splits.pretrain.images))
             if resume is not None:
                 console.print(f"Resuming {resume_path}.")

@@ -227,3 +227,14 @@ def test_a_key_whose_default_is_missing_is_not_taken_for_a_misspelling():
     # A config of the user's own (another search path or primary config) may add keys: Hydra alone judges those.
     assert misspelled_override(["hydra.searchpath=[file:///my/conf]", "method.my_key=1"]) is None
     assert misspelled_override(["--config-dir=/my/conf", "method.my_key=1"]) is None
+
+
+def test_eval_only_of_a_backbone_trained_on_other_images_is_one_paragraph(tmp_path):
+    """The teacher probe's sibling entry point: a 1-channel checkpoint evaluated on 3-channel images crashed with a
+    traceback (exit 1) in feature extraction."""
+    sslrun(*FAST, "dataset.channels=1", "monitor.figures.enabled=false", f"hydra.run.dir={tmp_path / 'gray'}")
+    proc = sslrun("eval.only=true", f"eval.checkpoint={tmp_path / 'gray' / 'checkpoints' / 'last.pt'}",
+                  "dataset.channels=3", f"hydra.run.dir={tmp_path / 'eval'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot take 3-channel 32-px images" in proc.stderr and "trained on dataset synthetic (1 channel(s)" in proc.stderr
+    assert not (tmp_path / "eval").exists()
