@@ -85,14 +85,14 @@ def compose_row(row: Row, overrides: list[str]):
 
     from ..config_check import check_config, misspelled_override
 
-    misspelled = misspelled_override([f"experiment={row.name}", *overrides])
-    if misspelled:
-        raise SslrunError(f"conf/experiment/{row.name}.yaml with the given overrides: {misspelled}")
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        try:
+    try:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
             cfg = compose("config", overrides=[f"experiment={row.name}", *overrides])
-        except Exception as e:  # Hydra's own errors: an unknown key or option in the row
-            raise SslrunError(f"conf/experiment/{row.name}.yaml does not compose: {e}") from e
+    except Exception as e:  # Hydra's own errors: an unknown key or option in the row
+        misspelled = misspelled_override([f"experiment={row.name}", *overrides])  # composes again, only on failure
+        if misspelled:
+            raise SslrunError(f"conf/experiment/{row.name}.yaml with the given overrides: {misspelled}") from None
+        raise SslrunError(f"conf/experiment/{row.name}.yaml does not compose: {e}") from e
     try:
         check_config(cfg)
     except SslrunError as e:
